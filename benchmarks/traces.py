@@ -227,8 +227,8 @@ def synthetic_prompt(tokenizer, n_tokens: int, seed: int) -> list[int]:
     """Exactly `n_tokens` token ids of English prose, the sentences shuffled by `seed`.
 
     Real traces publish lengths, not text; this stands in for a prompt of the traced length. The text is a
-    passage of plain sentences, repeated in a seeded order as often as needed, encoded and cut. A tokenizer
-    that adds BOS keeps it in front, as a real prompt would have it.
+    passage of plain sentences, repeated as often as needed with each copy shuffled by the seed, then encoded
+    and cut. A tokenizer that adds BOS keeps it in front, as a real prompt would have it.
     """
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be at least 1, got {n_tokens}")
@@ -236,8 +236,8 @@ def synthetic_prompt(tokenizer, n_tokens: int, seed: int) -> list[int]:
     sentences: list[str] = []
     ids: list[int] = []
     while len(ids) < n_tokens:
-        # add at least as many sentences again as there are, so long prompts take few encodes
-        for _ in range(max(len(_PASSAGE), len(sentences))):
-            sentences.append(rng.choice(_PASSAGE))
+        # double the text each round (one shuffled copy at first), so long prompts take few encodes
+        for _ in range(max(1, len(sentences) // len(_PASSAGE))):
+            sentences += rng.sample(_PASSAGE, len(_PASSAGE))
         ids = tokenizer.encode(" ".join(sentences))
     return ids[:n_tokens]

@@ -39,12 +39,17 @@ class Engine(EngineBackend):
         self.tokenizer = loaded.tokenizer
         arch = loaded.model.arch
         self.arch = arch
-        self.max_model_len = config.max_model_len or min(arch.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
         dtype = config.torch_dtype()
         per_block = KVCacheTensors.bytes_per_block(arch.num_layers, config.block_size, arch.num_kv_heads,
                                                    arch.head_dim, dtype)
         num_blocks = config.num_blocks or int(config.kv_cache_gib * 2**30 // per_block)
-        if num_blocks * config.block_size < self.max_model_len:
+        capacity = num_blocks * config.block_size
+        self.max_model_len = config.max_model_len or min(arch.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
+        if config.max_model_len is None and capacity < self.max_model_len:
+            log.warning("max_model_len lowered from %d to %d tokens, what the KV cache holds; raise kv_cache_gib "
+                        "for longer contexts", self.max_model_len, capacity)
+            self.max_model_len = capacity
+        if capacity < self.max_model_len:
             raise ValueError(
                 f"kv_cache: {num_blocks} blocks of {config.block_size} tokens hold "
                 f"{num_blocks * config.block_size} tokens, fewer than max_model_len {self.max_model_len}; "

@@ -38,22 +38,41 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
-    """Build the model on config.device in config's dtype, with real or seeded weights."""
-    name = config.model
-    dtype = config.torch_dtype()
-    if name == "smollm2-135m":
-        return _from_gguf(name, smollm2_path(), config, dtype)
+def resolve_model(name: str) -> tuple[str, Path | None]:
+    """Which kind of model a name or path is: ("tiny", None), ("gguf", file) or ("hf", directory)."""
     if name == "tiny-llama":
-        return _tiny_llama(config, dtype)
+        return "tiny", None
+    if name == "smollm2-135m":
+        return "gguf", smollm2_path()
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _from_gguf(name, path, config, dtype)
+        return "gguf", path
     if path.is_dir() and (path / "config.json").is_file():
-        return _from_hf_dir(name, path, config, dtype)
+        return "hf", path
     raise ModelNotFoundError(
         f"model: unknown model {name!r}; use one of {', '.join(KNOWN_MODELS)}, a path to a .gguf file, "
         f"or a Hugging Face model directory containing config.json")
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    """Build the model on config.device in config's dtype, with real or seeded weights."""
+    kind, path = resolve_model(config.model)
+    dtype = config.torch_dtype()
+    if kind == "tiny":
+        return _tiny_llama(config, dtype)
+    if kind == "gguf":
+        return _from_gguf(config.model, path, config, dtype)
+    return _from_hf_dir(config.model, path, config, dtype)
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    """Only the tokenizer of a model (the frontend tokenizes at the edge without loading weights)."""
+    kind, path = resolve_model(name)
+    if kind == "tiny":
+        return ByteTokenizer()
+    if kind == "gguf":
+        return load_tokenizer_from_gguf(path)
+    return load_tokenizer_from_hf_dir(path)
 
 
 def smollm2_path() -> Path:

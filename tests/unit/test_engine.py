@@ -243,3 +243,10 @@ def test_load_snapshot_reports_the_batch():
     for i in range(3):
         engine.abort(f"l{i}")
     assert engine.load().free_blocks == engine.load().total_blocks
+
+
+def test_default_max_model_len_shrinks_to_what_the_kv_cache_holds():
+    e = tiny(num_blocks=10, max_model_len=None)     # 10 blocks x 4 tokens
+    assert e.max_model_len == 40
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        e.add_request("long", prompt_token_ids=[1] * 39, params=SamplingParams(max_tokens=5))

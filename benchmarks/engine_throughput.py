@@ -1,0 +1,390 @@
+"""Output-token throughput of our engine against Hugging Face transformers, on SmolLM2-135M.
+
+    python -m benchmarks.engine_throughput [--requests 32] [--device cpu] [--profile]
+
+Workload: `--requests` (default 32) rows of the Azure LLM conversation trace (azure-conv, see
+benchmarks/traces.py), drawn without replacement with `random.Random(--seed)` (default 0) from the whole
+trace. Their lengths are shrunk with `scale_lengths(trace, max_prompt=512, max_output=128)`: every prompt and
+output length of the WHOLE trace is divided by one factor f, the smallest that brings the trace's p99 prompt
+length under 512 and its p99 output length under 128 (f = 4142 / 512 = 8.09 for azure-conv), rounded, and
+clamped to [1, 512] and [1, 128]. Each prompt is `synthetic_prompt(tokenizer, length, seed=row index)`:
+English prose cut to exactly that many tokens. Decoding is greedy with EOS ignored, so every request produces
+exactly its scaled output length on both sides.
+
+Measured, after warming both up, under torch.inference_mode:
+(a) ours: all requests submitted at once, `engine.step()` until done (continuous batching, chunked prefill);
+(b) transformers: `generate` on static batches of `--hf-batch` (8) requests in arrival order, left-padded,
+    `max_new_tokens` = the batch's longest output. Only each request's own output tokens count as useful,
+    so the tokens a short request is made to generate while its batch finishes are waste, as in a real
+    static-batching server; the padding waste is printed;
+(c) the decode step time at batch 1, 8 and 32: ours = one `engine.step()` while exactly B requests are
+    decoding (prompts of `--context` (128) tokens already prefilled); transformers = one forward of B new
+    tokens with `past_key_values` over the same context. Median of `--steps` (8) steps after 2 warm-up steps.
+
+Throughput is useful output tokens / wall time. The machine this runs on is shared and noisy: (a) and (b) run
+`--repeats` (2) times each, alternating which goes first, and each side's fastest run counts (other load
+only adds time); every run's wall time is printed. The last line is `ratio_ours_over_hf=<x.xx>`. `--profile`
+also prints where a batch-32 decode step of ours spends its time (cProfile and torch.profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from benchmarks.traces import TraceRequest, length_scale, load_trace, sample_rows, scale_lengths, synthetic_prompt
+from instance.engine import Engine
+from instance.model.loader import smollm2_path
+from instance.sampling import SamplingParams
+
+TRACE = "azure-conv"
+MAX_PROMPT = 512
+MAX_OUTPUT = 128
+DECODE_BATCHES = (1, 8, 32)
+
+
+# ----- workload -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Workload:
+    rows: list[TraceRequest]          # scaled lengths, arrival order
+    prompts: list[list[int]]          # token ids, len(prompts[i]) == rows[i].prompt_tokens
+    description: str
+
+    @property
+    def output_lens(self) -> list[int]:
+        return [r.output_tokens for r in self.rows]
+
+
+def trace_workload(tokenizer, n: int, seed: int = 0, trace: str = TRACE, max_prompt: int = MAX_PROMPT,
+                   max_output: int = MAX_OUTPUT) -> Workload:
+    """n requests of `trace`, sampled with `seed`, lengths scaled to fit (see the module docstring)."""
+    full = load_trace(trace)
+    f = length_scale(full, max_prompt, max_output)
+    rows = sample_rows(scale_lengths(full, max_prompt, max_output, factor=f), n, seed)
+    prompts = [synthetic_prompt(tokenizer, r.prompt_tokens, seed=i) for i, r in enumerate(rows)]
+    p = [r.prompt_tokens for r in rows]
+    o = [r.output_tokens for r in rows]
+    description = (
+        f"{n} of {len(full):,} {trace} requests (random.Random({seed}).sample), lengths / {f:.2f} "
+        f"(p99 prompt -> {max_prompt}, p99 output -> {max_output}), rounded, clamped to [1, {max_prompt}] / "
+        f"[1, {max_output}]\nprompt tokens: total {sum(p)}, mean {sum(p) / n:.0f}, max {max(p)};  "
+        f"output tokens: total {sum(o)}, mean {sum(o) / n:.0f}, max {max(o)};  greedy, EOS ignored")
+    return Workload(rows, prompts, description)
+
+
+# ----- timing ---------------------------------------------------------------------------------------------------
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def _timer(device: str) -> Iterator[list[float]]:
+    """Yields a one-element list that holds the elapsed seconds after the block."""
+    box = [0.0]
+    _sync(device)
+    start = time.perf_counter()
+    yield box
+    _sync(device)
+    box[0] = time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    name: str
+    wall_s: float
+    useful_tokens: int        # each request's own output tokens
+    generated_tokens: int     # output positions computed, counting those wasted on finished batch members
+    prompt_tokens: int        # prompt positions computed, counting left padding
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.useful_tokens / self.wall_s
+
+    @property
+    def output_waste(self) -> float:
+        return 1.0 - self.useful_tokens / self.generated_tokens
+
+
+# ----- our engine -----------------------------------------------------------------------------------------------
+
+def load_engine(device: str = "cpu", kv_cache_gib: float = 1.0, max_num_batched_tokens: int = 512,
+                max_num_seqs: int = 64) -> Engine:
+    return Engine(model="smollm2-135m", max_model_len=2048, device=device, kv_cache_gib=kv_cache_gib,
+                  max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def engine_throughput(engine: Engine, prompts: list[list[int]], output_lens: list[int],
+                      tag: str = "tp") -> tuple[ThroughputResult, list[list[int]]]:
+    """Submit every request at once and step until all finish. Returns the result and each request's tokens."""
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    with _timer(engine.config.device) as wall:
+        for rid, prompt, n in zip(ids, prompts, output_lens):
+            engine.add_request(rid, prompt_token_ids=prompt, params=_greedy(n))
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+    got = [tokens[i] for i in ids]
+    if [len(t) for t in got] != list(output_lens):
+        raise RuntimeError("our engine did not produce each request's exact output length")
+    result = ThroughputResult("ours (continuous batching)", wall[0], sum(output_lens), sum(output_lens),
+                              sum(map(len, prompts)))
+    return result, got
+
+
+def _start_decoding(engine: Engine, batch: int, context: int, tag: str, max_tokens: int) -> list[str]:
+    """Add `batch` requests of `context` prompt tokens and step until every one is decoding."""
+    prompts = [synthetic_prompt(engine.tokenizer, context, seed=1000 + i) for i in range(batch)]
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, prompt_token_ids=p, params=_greedy(max_tokens))
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(o.request_id for o in engine.step())
+    return ids
+
+
+def engine_decode_step_ms(engine: Engine, batch: int, context: int = 128, steps: int = 8,
+                          warmup: int = 2) -> float:
+    """Median wall time of one `engine.step()` while exactly `batch` requests decode at ~`context` tokens."""
+    if engine.has_unfinished():
+        raise RuntimeError("the engine must be idle to time its decode step")
+    # max_tokens is a ceiling only: the requests are aborted once timed (early ones must not finish first)
+    ids = _start_decoding(engine, batch, context, f"dec{batch}", max_tokens=engine.max_model_len - context)
+    for _ in range(warmup):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        with _timer(engine.config.device) as t:
+            outs = engine.step()
+        if len(outs) != batch:
+            raise RuntimeError(f"expected {batch} decodes in the step, got {len(outs)}")
+        times.append(t[0])
+    for rid in ids:
+        engine.abort(rid)
+    return 1000.0 * statistics.median(times)
+
+
+def profile_engine_decode(engine: Engine, batch: int = 32, context: int = 128, steps: int = 6,
+                          top: int = 8) -> str:
+    """Where a decode step of `batch` requests spends its time: cProfile (Python functions, by own time) and
+    torch.profiler (operators, by self CPU time)."""
+    ids = _start_decoding(engine, batch, context, f"prof{batch}", max_tokens=engine.max_model_len - context)
+    engine.step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    for rid in ids:
+        engine.abort(rid)
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    body = text.getvalue()
+    body = body[body.find("   ncalls"):] if "   ncalls" in body else body
+    return (f"cProfile, {steps} decode steps at batch {batch} (by own time):\n{body.rstrip()}\n\n"
+            f"torch.profiler, {steps} decode steps at batch {batch}:\n{ops.rstrip()}")
+
+
+# ----- Hugging Face transformers --------------------------------------------------------------------------------
+
+def load_hf_reference(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct from the same GGUF file, as transformers loads it; EOS disabled."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    path = smollm2_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model.generation_config.eos_token_id = None   # always run to max_new_tokens, as ignore_eos does on our side
+    return model.to(device).eval()
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+@torch.inference_mode()
+def hf_static_throughput(model, prompts: list[list[int]], output_lens: list[int], batch_size: int = 8,
+                         pad_id: int = 0) -> tuple[ThroughputResult, list[list[int]]]:
+    """`generate` on consecutive static batches; only each request's own output tokens count."""
+    device = str(model.device)
+    got: list[list[int]] = []
+    generated = prompt_positions = 0
+    with _timer(device) as wall:
+        for start in range(0, len(prompts), batch_size):
+            ps, ns = prompts[start:start + batch_size], output_lens[start:start + batch_size]
+            ids, mask = _left_pad(ps, pad_id, device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(ns),
+                                 do_sample=False, pad_token_id=pad_id)
+            new = out[:, ids.shape[1]:].tolist()
+            got += [row[:n] for row, n in zip(new, ns)]
+            generated += len(ps) * max(ns)
+            prompt_positions += ids.numel()
+    result = ThroughputResult(f"transformers generate (static batches of {batch_size})", wall[0],
+                              sum(output_lens), generated, prompt_positions)
+    return result, got
+
+
+@torch.inference_mode()
+def hf_decode_step_ms(model, batch: int, context: int = 128, steps: int = 8, warmup: int = 2,
+                      tokenizer=None) -> float:
+    """Median wall time of one forward of `batch` single new tokens with `past_key_values` at ~`context`."""
+    device = str(model.device)
+    if tokenizer is not None:
+        prompts = [synthetic_prompt(tokenizer, context, seed=1000 + i) for i in range(batch)]
+    else:
+        prompts = [[(7 * i + j) % 1000 + 100 for j in range(context)] for i in range(batch)]
+    out = model(input_ids=torch.tensor(prompts, device=device), use_cache=True)
+    cache = out.past_key_values
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for i in range(warmup + steps):
+        with _timer(device) as t:
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        cache = out.past_key_values
+        if i >= warmup:
+            times.append(t[0])
+    return 1000.0 * statistics.median(times)
+
+
+# ----- the report -----------------------------------------------------------------------------------------------
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[int, float]:
+    """Requests whose tokens match exactly, and the mean fraction of each request's tokens before the first
+    difference (a near-tie of two logits, broken differently by float rounding, sends greedy paths apart)."""
+    same = sum(a == b for a, b in zip(ours, theirs))
+    prefix = []
+    for a, b in zip(ours, theirs):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefix.append(k / max(1, len(a)))
+    return same, sum(prefix) / len(prefix)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    ours: ThroughputResult              # the fastest of the repeats
+    hf: ThroughputResult
+    ours_walls: list[float]             # every repeat, in order
+    hf_walls: list[float]
+    ours_tokens: list[list[int]]
+    hf_tokens: list[list[int]]
+
+    @property
+    def ratio(self) -> float:
+        return self.ours.tokens_per_s / self.hf.tokens_per_s
+
+
+def compare_throughput(engine: Engine, model, work: Workload, hf_batch: int = 8, repeats: int = 2) -> Comparison:
+    """(a) and (b), `repeats` times, alternating which goes first; keeps each side's fastest run.
+
+    Other work on the machine only ever adds time, so the fastest run is the least disturbed one.
+    """
+    ours_runs, hf_runs = [], []
+    for i in range(repeats):
+        def run_ours():
+            ours_runs.append(engine_throughput(engine, work.prompts, work.output_lens, tag=f"tp{i}"))
+
+        def run_hf():
+            hf_runs.append(hf_static_throughput(model, work.prompts, work.output_lens, hf_batch))
+
+        for run in ((run_ours, run_hf) if i % 2 == 0 else (run_hf, run_ours)):
+            run()
+    ours, ours_tokens = min(ours_runs, key=lambda r: r[0].wall_s)
+    hf, hf_tokens = min(hf_runs, key=lambda r: r[0].wall_s)
+    return Comparison(ours, hf, [r[0].wall_s for r in ours_runs], [r[0].wall_s for r in hf_runs],
+                      ours_tokens, hf_tokens)
+
+
+def warm_up(engine: Engine, model, tokenizer) -> None:
+    prompts = [synthetic_prompt(tokenizer, n, seed=99) for n in (40, 90, 130)]
+    engine.generate(prompts, _greedy(6))
+    hf_static_throughput(model, prompts, [6, 6, 6], batch_size=3)
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=32, help="requests drawn from the trace (default 32)")
+    parser.add_argument("--device", default="cpu", help="torch device for both models (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
+    parser.add_argument("--hf-batch", type=int, default=8, help="static batch size of transformers (default 8)")
+    parser.add_argument("--context", type=int, default=128, help="context of the decode-step timings (128)")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per timing, median taken (8)")
+    parser.add_argument("--repeats", type=int, default=2, help="throughput runs per side, fastest kept (2)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="our step budget (512)")
+    parser.add_argument("--profile", action="store_true", help="also profile our batch-32 decode step")
+    args = parser.parse_args(argv)
+
+    begin = time.perf_counter()
+    torch.manual_seed(0)
+    engine = load_engine(args.device, max_num_batched_tokens=args.max_num_batched_tokens)
+    model = load_hf_reference(args.device, engine.config.torch_dtype())
+    work = trace_workload(engine.tokenizer, args.requests, args.seed)
+    print(f"SmolLM2-135M-Instruct ({smollm2_path().name}, dequantised to {engine.config.torch_dtype()}) on "
+          f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"workload: {work.description}")
+    print(f"ours: max_num_batched_tokens {args.max_num_batched_tokens}, max_num_seqs "
+          f"{engine.config.max_num_seqs}, block_size {engine.config.block_size}")
+    print()
+
+    with torch.inference_mode():
+        warm_up(engine, model, engine.tokenizer)
+        cmp = compare_throughput(engine, model, work, args.hf_batch, args.repeats)
+        decode = {b: (engine_decode_step_ms(engine, b, args.context, args.steps),
+                      hf_decode_step_ms(model, b, args.context, args.steps, tokenizer=engine.tokenizer))
+                  for b in DECODE_BATCHES}
+
+    print(f"{'throughput (fastest of ' + str(args.repeats) + ')':<44}{'wall s':>8}{'all runs s':>14}"
+          f"{'useful tok':>12}{'tok/s':>9}{'output waste':>14}{'prompt pos':>12}")
+    for r, walls in ((cmp.ours, cmp.ours_walls), (cmp.hf, cmp.hf_walls)):
+        runs = " ".join(f"{w:.1f}" for w in walls)
+        print(f"{r.name:<44}{r.wall_s:>8.1f}{runs:>14}{r.useful_tokens:>12}{r.tokens_per_s:>9.1f}"
+              f"{r.output_waste:>13.0%}{r.prompt_tokens:>12}")
+    print("(output waste: output positions computed for requests already done; prompt pos: prompt positions "
+          "computed, left padding included)")
+    same, prefix = agreement(cmp.ours_tokens, cmp.hf_tokens)
+    print(f"greedy agreement with transformers: {same}/{len(cmp.ours_tokens)} requests identical, "
+          f"{prefix:.0%} of tokens before the first difference on average")
+    print()
+    print(f"{f'decode step (ctx {args.context}, median of {args.steps})':<30}{'ours ms':>10}{'hf ms':>10}{'hf/ours':>9}"
+          f"{'ours tok/s':>12}{'hf tok/s':>10}")
+    for b, (o, h) in decode.items():
+        print(f"{'batch ' + str(b):<30}{o:>10.1f}{h:>10.1f}{h / o:>9.2f}{1000 * b / o:>12.0f}{1000 * b / h:>10.0f}")
+
+    if args.profile:
+        print()
+        print(profile_engine_decode(engine, batch=32, context=args.context))
+    ratio = cmp.ratio
+    print()
+    print(f"total benchmark time {time.perf_counter() - begin:.0f} s")
+    print(f"ratio_ours_over_hf={ratio:.2f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,43 @@
+"""Messages an instance sends to other processes: a closed set of typed dataclasses, plain values only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from instance.backend import LoadSnapshot
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Tokens of one request produced by one engine step, sent straight to the frontend that owns it."""
+
+    request_id: str
+    seq: int                       # contiguous from 0 within the request's stream
+    token_ids: tuple[int, ...]
+    text: str
+    instance_id: str
+    finish_reason: str | None = None   # "stop" | "length" | "abort" on the last chunk
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What an instance serves; fixed for its lifetime."""
+
+    instance_id: str
+    node_id: str
+    node_ip: str
+    model: str
+    max_model_len: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """An instance's load as observed after one of its steps."""
+
+    instance_id: str
+    load: LoadSnapshot
+    step_index: int                # steps run so far; requests added before step k show up from step k on
+    num_requests: int              # requests this instance holds (running, waiting, suspended)

@@ -1,0 +1,185 @@
+"""`tidal`: serve a model on many instances, and talk to a running deployment.
+
+    tidal serve     [--model M] [--instances N] [--port P] [--ray-address A] [--config FILE] ...
+    tidal generate  "prompt" [--addr A] [--max-tokens N] [--temperature T] [--seed S] [--priority P]
+    tidal status    [--addr A]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+import grpc
+
+from orchestrator.config import DEFAULT_PORT, ConfigError, default_addr, load_config
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="start a deployment and serve it over gRPC until interrupted")
+    p.add_argument("--config", help="YAML or TOML file of settings; flags override it")
+    p.add_argument("--model", help="smollm2-135m (default), tiny-llama, or a path to a .gguf file / HF directory")
+    p.add_argument("--instances", type=int, help="serving instances (default 2)")
+    p.add_argument("--host", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--deployment", help="name of the deployment (prefix of its Ray actors; default tidal)")
+    p.add_argument("--dispatch-policy", choices=["round-robin", "least-load", "freeness"],
+                   help="how new requests pick an instance (default freeness)")
+    p.add_argument("--kv-cache-gib", type=float, help="KV-cache memory per instance in GiB (default 1.0)")
+    p.add_argument("--num-blocks", type=int, help="KV-cache blocks per instance (overrides --kv-cache-gib)")
+    p.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
+    p.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's, at most 8192)")
+    p.add_argument("--max-num-seqs", type=int, help="requests batched at once per instance (default 64)")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--num-cpus-per-instance", type=float, help="Ray CPUs per instance (default 1)")
+    p.add_argument("--num-gpus-per-instance", type=float, help="Ray GPUs per instance (default 1 on cuda)")
+    p.add_argument("--max-queue-per-instance", type=int, help="queued requests before RESOURCE_EXHAUSTED")
+
+
+def _add_client(sub) -> None:
+    g = sub.add_parser("generate", help="stream a completion to stdout")
+    g.add_argument("prompt")
+    g.add_argument("--addr", default=default_addr(), help="server address (default $TIDAL_ADDR or 127.0.0.1:50051)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--priority", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
+    g.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    s = sub.add_parser("status", help="show the instances of a running deployment")
+    s.add_argument("--addr", default=default_addr())
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description="Serve an LLM on many instances with live migration.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_client(sub)
+    return parser
+
+
+def cmd_serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"tidal serve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    from orchestrator.deployment import Deployment, DeploymentError
+
+    deployment = Deployment(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"tidal: starting {config.instances} x {config.engine.model} on "
+          f"{config.ray_address or 'a local Ray'} ...", flush=True)
+    try:
+        port = deployment.start()
+    except DeploymentError as e:
+        print(f"tidal serve: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"tidal: listening on {config.host}:{port} (gRPC: tidal.v1.GenerationService, tidal.v1.AdminService, "
+          f"health, reflection)", flush=True)
+    print(f"tidal: ready — {config.instances} instances, dispatch {config.dispatch_policy}", flush=True)
+    stop.wait()
+    print(f"tidal: shutting down (grace period {config.grace_period_s:.0f} s)", flush=True)
+    deployment.stop()
+    import ray
+
+    ray.shutdown()
+    print("tidal: stopped", flush=True)
+    return 0
+
+
+def _channel(addr: str) -> grpc.Channel:
+    return grpc.insecure_channel(addr)
+
+
+def _rpc_failed(cmd: str, addr: str, e: grpc.RpcError) -> int:
+    if e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (e.details() or "").lower():
+        print(f"tidal {cmd}: no server at {addr}; start one with `tidal serve` or pass --addr", file=sys.stderr)
+    else:
+        print(f"tidal {cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_generate(args) -> int:
+    from tidal.v1 import generation_pb2, generation_pb2_grpc
+
+    sampling = generation_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k)
+    if args.top_p is not None:
+        sampling.top_p = args.top_p
+    req = generation_pb2.GenerateRequest(max_tokens=args.max_tokens, sampling=sampling, priority=args.priority,
+                                         stop=args.stop)
+    if args.chat:
+        req.chat.messages.add(role="user", content=args.prompt)
+    else:
+        req.prompt = args.prompt
+    if args.seed is not None:
+        req.seed = args.seed
+    with _channel(args.addr) as ch:
+        try:
+            for chunk in generation_pb2_grpc.GenerationServiceStub(ch).Generate(req, timeout=args.timeout):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        except grpc.RpcError as e:
+            sys.stdout.write("\n")
+            return _rpc_failed("generate", args.addr, e)
+    sys.stdout.write("\n")
+    return 0
+
+
+def format_status(instances) -> str:
+    """A table of admin_pb2.Instance messages."""
+    from tidal.v1 import admin_pb2
+
+    rows = [("INSTANCE", "NODE", "STATE", "RUNNING", "WAITING", "FREE/TOTAL BLOCKS", "TOKENS/S")]
+    for inst in instances:
+        load = inst.load
+        state = admin_pb2.InstanceState.Name(inst.state).removeprefix("INSTANCE_STATE_").lower()
+        rows.append((inst.instance_id, inst.node_ip or inst.node_id[:12], state, str(load.num_running),
+                     str(load.num_waiting), f"{load.free_blocks}/{load.total_blocks}", f"{load.tokens_per_s:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cmd_status(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from tidal.v1 import admin_pb2, admin_pb2_grpc
+
+    with _channel(args.addr) as ch:
+        try:
+            resp = admin_pb2_grpc.AdminServiceStub(ch).ListInstances(admin_pb2.ListInstancesRequest(), timeout=10)
+        except grpc.RpcError as e:
+            return _rpc_failed("status", args.addr, e)
+    if args.json:
+        print(json.dumps(MessageToDict(resp), indent=2))
+        return 0
+    print(format_status(resp.instances))
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

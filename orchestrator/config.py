@@ -1,0 +1,86 @@
+"""Configuration of a Tidal deployment: one frozen pydantic model, read from a YAML/TOML file and flags.
+
+Environment variables are read here only, with the TIDAL_ prefix (TIDAL_ADDR: the default server address
+for the client commands).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from instance.config import EngineConfig
+
+DEFAULT_PORT = 50051
+
+
+def default_addr() -> str:
+    return os.environ.get("TIDAL_ADDR", f"127.0.0.1:{DEFAULT_PORT}")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    instances: int = Field(2, ge=1, le=256, description="serving instances")
+    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
+    namespace: str = Field("tidal", description="Ray namespace of the deployment's actors")
+    deployment: str = Field("tidal", pattern=r"^[a-z0-9][a-z0-9-]*$", description="prefix of actor names")
+    dispatch_policy: Literal["round-robin", "least-load", "freeness"] = "freeness"
+    num_cpus_per_instance: float = Field(1.0, ge=0)
+    num_gpus_per_instance: float | None = Field(None, ge=0, description="default: 1 on CUDA, 0 on CPU")
+    max_queue_per_instance: int = Field(64, ge=1, description="waiting requests before RESOURCE_EXHAUSTED")
+    load_interval_s: float = Field(0.05, gt=0, le=1.0, description="how often loads are observed and pushed")
+    startup_timeout_s: float = Field(600.0, gt=0)
+    call_timeout_s: float = Field(30.0, gt=0, description="deadline of one call to an instance")
+    stream_idle_timeout_s: float = Field(300.0, gt=0, description="a stream with no token for this long fails")
+    grace_period_s: float = Field(10.0, ge=0, description="shutdown: time in-flight requests get to finish")
+
+    @property
+    def gpus_per_instance(self) -> float:
+        if self.num_gpus_per_instance is not None:
+            return self.num_gpus_per_instance
+        return 1.0 if self.engine.device.startswith("cuda") else 0.0
+
+    def actor_name(self, role: str) -> str:
+        return f"{self.deployment}-{role}"
+
+
+class ConfigError(ValueError):
+    """A config file or flag a user can fix."""
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict) -> ServeConfig:
+    """The file's settings (YAML or TOML), then the flags given on the command line on top."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {p}")
+        text = p.read_text()
+        try:
+            data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"--config: {p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {e}")
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {p} must hold a mapping of settings")
+    engine = dict(data.pop("engine", None) or {})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in EngineConfig.model_fields:
+            engine[key] = value
+        else:
+            data[key] = value
+    try:
+        return ServeConfig(engine=EngineConfig(**engine), **data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from None

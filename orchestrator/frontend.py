@@ -1,0 +1,358 @@
+"""Frontend: the gRPC server clients talk to, run inside a Ray actor so instances can push tokens to it.
+
+It validates and tokenizes at the edge, dispatches on the latest instance table the scheduler pushed (no
+scheduler call per request), and streams each request's chunks in `seq` order. A client cancel or deadline
+aborts the request on the instance holding it. Shutdown is graceful: health goes NOT_SERVING, new requests
+are refused, in-flight ones get a grace period, then whatever is left is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from instance.messages import TokenChunk
+from instance.model.loader import load_tokenizer
+from instance.sampling import InvalidRequestError, SamplingParams, validate_request
+from orchestrator.config import ServeConfig
+from orchestrator.policies.dispatch import Candidate, choose_instance
+from orchestrator.scheduler import SERVING, InstanceView
+from tidal.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+SERVICES = ("tidal.v1.GenerationService", "tidal.v1.AdminService")
+FINISH_REASONS = {
+    "stop": generation_pb2.FINISH_REASON_STOP,
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+    "abort": generation_pb2.FINISH_REASON_ABORT,
+}
+INSTANCE_STATES = {
+    "starting": admin_pb2.INSTANCE_STATE_STARTING,
+    "serving": admin_pb2.INSTANCE_STATE_SERVING,
+    "draining": admin_pb2.INSTANCE_STATE_DRAINING,
+    "dead": admin_pb2.INSTANCE_STATE_DEAD,
+}
+
+
+class RpcError(Exception):
+    """Ends an RPC with a status code and a message meant for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RequestStream:
+    """One request's chunks, delivered in seq order whatever order (or instance) they arrive from."""
+
+    request_id: str
+    instance_id: str
+    actor: Any
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    next_seq: int = 0
+    held: dict[int, TokenChunk] = field(default_factory=dict)
+
+    def offer(self, chunk: TokenChunk) -> None:
+        if chunk.seq < self.next_seq or chunk.seq in self.held:
+            return                                   # a duplicate: already delivered or held
+        self.held[chunk.seq] = chunk
+        while self.next_seq in self.held:
+            c = self.held.pop(self.next_seq)
+            self.instance_id = c.instance_id
+            self.queue.put_nowait(c)
+            self.next_seq += 1
+
+
+@dataclass
+class _Pending:
+    """A request this frontend sent that the instance's last reported load may not include yet."""
+
+    blocks: int
+    accepted_at_step: int | None = None
+
+
+class Frontend:
+    def __init__(self, config: dict, name: str):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.config = ServeConfig(**config)
+        self.name = name
+        self.tokenizer = load_tokenizer(self.config.engine.model)
+        self.views: dict[str, InstanceView] = {}
+        self.streams: dict[str, RequestStream] = {}
+        self.pending: dict[str, dict[str, _Pending]] = {}     # instance id -> request id -> pending
+        self.accepting = False
+        self.shutting_down = False
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self._rng = random.Random()
+        self._turn = 0
+        self._self_actor = None
+        self.port = 0
+
+    # ----- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self, scheduler: Any) -> int:
+        """Bind the gRPC server, register with the scheduler, and return the port."""
+        if self.server is not None:
+            return self.port
+        self._self_actor = ray.get_runtime_context().current_actor
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        addr = f"{self.config.host}:{self.config.port}"
+        self.port = server.add_insecure_port(addr)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {addr}: is the port in use? pick another with --port")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self.server = server
+        views = await asyncio.wait_for(scheduler.register_frontend.remote(self.name, self._self_actor),
+                                       self.config.call_timeout_s)
+        await self.update_instances(views)
+        log.info("frontend %s listening on %s:%d", self.name, self.config.host, self.port)
+        return self.port
+
+    async def shutdown(self, grace_s: float | None = None) -> int:
+        """Stop accepting, let in-flight requests finish for the grace period, abort the rest. Returns how many
+        were aborted."""
+        grace = self.config.grace_period_s if grace_s is None else grace_s
+        self.shutting_down = True
+        self.accepting = False
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + grace
+        while self.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.streams.values())
+        for stream in left:
+            stream.queue.put_nowait(TokenChunk(stream.request_id, -1, (), "", stream.instance_id, "abort"))
+        await asyncio.gather(*(self._abort_on_instance(s) for s in left), return_exceptions=True)
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        log.info("frontend %s shut down; %d requests aborted after the %.1f s grace period", self.name,
+                 len(left), grace)
+        return len(left)
+
+    async def is_serving(self) -> bool:
+        return self.accepting
+
+    async def _set_health(self, status) -> None:
+        for service in ("", *SERVICES):
+            await self.health.set(service, status)
+
+    # ----- pushed by the scheduler and the instances -----------------------------------------------------------
+    async def update_instances(self, views: list[InstanceView]) -> None:
+        self.views = {v.instance_id: v for v in views}
+        for v in views:
+            pending = self.pending.get(v.instance_id)
+            if pending and v.status is not None:
+                for rid in [r for r, p in pending.items()
+                            if p.accepted_at_step is not None and v.status.step_index > p.accepted_at_step]:
+                    del pending[rid]
+        serving = [v for v in views if v.state == SERVING]
+        if (not self.accepting and not self.shutting_down and serving and len(serving) == len(views)
+                and self.server is not None):
+            self.accepting = True
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("frontend %s: %d instances serving; health SERVING", self.name, len(serving))
+
+    async def push_chunks(self, chunks: list[TokenChunk]) -> None:
+        for chunk in chunks:
+            stream = self.streams.get(chunk.request_id)
+            if stream is not None:
+                stream.offer(chunk)
+
+    # ----- generation ----------------------------------------------------------------------------------------
+    def parse(self, request) -> tuple[list[int], SamplingParams, int]:
+        kind = request.WhichOneof("input")
+        try:
+            if kind == "prompt":
+                if not request.prompt:
+                    raise InvalidRequestError("prompt", "is empty; give at least one character of prompt")
+                ids = self.tokenizer.encode(request.prompt)
+            elif kind == "token_ids":
+                ids = list(request.token_ids.ids)
+            elif kind == "chat":
+                if not request.chat.messages:
+                    raise InvalidRequestError("chat", "has no messages; give at least one")
+                messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+                ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+            else:
+                raise InvalidRequestError("prompt", "missing; give one of prompt, token_ids or chat")
+        except InvalidRequestError:
+            raise
+        except ValueError as e:
+            raise InvalidRequestError(kind or "prompt", str(e)) from None
+        model = self._model_limits()
+        s = request.sampling
+        if request.HasField("max_tokens"):
+            max_tokens = request.max_tokens
+        else:
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, model[1] - len(ids)))
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=s.temperature if s.HasField("temperature") else 1.0,
+            top_k=s.top_k, top_p=s.top_p if s.HasField("top_p") else 1.0, min_p=s.min_p,
+            seed=request.seed if request.HasField("seed") else None,
+            stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids), ignore_eos=s.ignore_eos)
+        validate_request(ids, params, request.priority, vocab_size=model[0], max_model_len=model[1])
+        return ids, params, request.priority
+
+    def _model_limits(self) -> tuple[int, int]:
+        infos = [v.info for v in self.views.values() if v.info is not None]
+        if not infos:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "no instance has started yet; retry shortly")
+        return min(i.vocab_size for i in infos), min(i.max_model_len for i in infos)
+
+    def dispatch(self, prompt_len: int) -> InstanceView:
+        serving = [v for v in self.views.values() if v.state == SERVING and v.status is not None]
+        if not serving:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "no instance is serving; retry later")
+        candidates = []
+        for v in serving:
+            pending = self.pending.get(v.instance_id, {})
+            candidates.append(Candidate(v.instance_id, v.status.load, pending_requests=len(pending),
+                                        pending_blocks=sum(p.blocks for p in pending.values()),
+                                        batch_slots=self.config.engine.max_num_seqs))
+        open_ = [c for c in candidates if c.queue_length < self.config.max_queue_per_instance]
+        if not open_:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"all {len(candidates)} instances have {self.config.max_queue_per_instance} or more "
+                           f"queued requests; retry later")
+        iid = choose_instance(self.config.dispatch_policy, open_, self._turn, self._rng)
+        self._turn += 1
+        return self.views[iid]
+
+    async def generate(self, request, context):
+        """The body of GenerationService.Generate: yields TokenChunks."""
+        if not self.accepting:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the server is not serving (starting or shutting down)")
+        try:
+            ids, params, priority = self.parse(request)
+        except InvalidRequestError as e:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        rid = request.request_id or uuid.uuid4().hex
+        if rid in self.streams:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {rid!r} is already running")
+        target = self.dispatch(len(ids))
+        block_size = target.status.load.block_size
+        pending = _Pending(blocks=-(-(len(ids) + 1) // block_size))
+        self.pending.setdefault(target.instance_id, {})[rid] = pending
+        stream = RequestStream(rid, target.instance_id, target.actor)
+        self.streams[rid] = stream
+        finished = False
+        try:
+            try:
+                pending.accepted_at_step = await asyncio.wait_for(
+                    target.actor.add_request.remote(rid, ids, params, priority, self._self_actor),
+                    self.config.call_timeout_s)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, InvalidRequestError):
+                    raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e.cause)) from None
+                raise RpcError(grpc.StatusCode.INTERNAL,
+                               f"instance {target.instance_id} failed to add the request: {e.cause!r}") from None
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
+                raise RpcError(grpc.StatusCode.UNAVAILABLE,
+                               f"instance {target.instance_id} did not accept the request: {type(e).__name__}")
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(stream.queue.get(), self.config.stream_idle_timeout_s)
+                except asyncio.TimeoutError:
+                    raise RpcError(grpc.StatusCode.UNAVAILABLE,
+                                   f"no token from instance {stream.instance_id} for "
+                                   f"{self.config.stream_idle_timeout_s:.0f} s") from None
+                if chunk.seq < 0:
+                    raise RpcError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                finished = chunk.finish_reason is not None
+                yield chunk
+                if finished:
+                    return
+        finally:
+            self.streams.pop(rid, None)
+            self.pending.get(target.instance_id, {}).pop(rid, None)
+            if not finished:
+                asyncio.ensure_future(self._abort_on_instance(stream))
+
+    async def abort(self, request_id: str) -> str:
+        stream = self.streams.get(request_id)
+        if stream is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"request_id: no running request {request_id!r}")
+        await self._abort_on_instance(stream)
+        stream.queue.put_nowait(TokenChunk(request_id, stream.next_seq, (), "", stream.instance_id, "abort"))
+        stream.next_seq += 1
+        return stream.instance_id
+
+    async def _abort_on_instance(self, stream: RequestStream) -> None:
+        view = self.views.get(stream.instance_id)
+        actor = view.actor if view is not None else stream.actor
+        try:
+            await asyncio.wait_for(actor.abort.remote(stream.request_id), self.config.call_timeout_s)
+            log.info("aborted %s on %s", stream.request_id, stream.instance_id)
+        except Exception as e:  # noqa: BLE001 - the instance may be gone; nothing else to free here
+            log.warning("abort of %s on %s failed: %r", stream.request_id, stream.instance_id, e)
+
+
+def chunk_to_proto(chunk: TokenChunk) -> generation_pb2.GenerateResponse:
+    msg = generation_pb2.GenerateResponse(request_id=chunk.request_id, seq=chunk.seq, token_ids=chunk.token_ids,
+                                          text=chunk.text, instance_id=chunk.instance_id)
+    if chunk.finish_reason:
+        msg.finish_reason = FINISH_REASONS[chunk.finish_reason]
+        msg.usage.prompt_tokens = chunk.prompt_tokens
+        msg.usage.completion_tokens = chunk.completion_tokens
+    return msg
+
+
+def view_to_proto(v: InstanceView) -> admin_pb2.Instance:
+    msg = admin_pb2.Instance(instance_id=v.instance_id, state=INSTANCE_STATES[v.state])
+    if v.info is not None:
+        msg.node_id, msg.node_ip, msg.model = v.info.node_id, v.info.node_ip, v.info.model
+    if v.status is not None:
+        msg.load.CopyFrom(admin_pb2.InstanceLoad(**v.status.load.to_dict()))
+        msg.load_age_s = max(0.0, time.time() - v.observed_at)
+    return msg
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, frontend: Frontend):
+        self.fe = frontend
+
+    async def Generate(self, request, context):
+        try:
+            async for chunk in self.fe.generate(request, context):
+                yield chunk_to_proto(chunk)
+        except RpcError as e:
+            await context.abort(e.code, str(e))
+
+    async def Abort(self, request, context):
+        try:
+            return generation_pb2.AbortResponse(instance_id=await self.fe.abort(request.request_id))
+        except RpcError as e:
+            await context.abort(e.code, str(e))
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, frontend: Frontend):
+        self.fe = frontend
+
+    async def ListInstances(self, request, context):
+        views = sorted(self.fe.views.values(), key=lambda v: v.instance_id)
+        return admin_pb2.ListInstancesResponse(instances=[view_to_proto(v) for v in views])
+
+    async def GetInstance(self, request, context):
+        v = self.fe.views.get(request.instance_id)
+        if v is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"instance_id: no instance {request.instance_id!r}")
+        return admin_pb2.GetInstanceResponse(instance=view_to_proto(v))
