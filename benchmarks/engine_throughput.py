@@ -32,13 +32,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import statistics
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -149,44 +150,48 @@ def engine_throughput(engine: Engine, prompts: list[list[int]], output_lens: lis
     return result, got
 
 
-def _start_decoding(engine: Engine, batch: int, context: int, tag: str, max_tokens: int) -> list[str]:
-    """Add `batch` requests of `context` prompt tokens and step until every one is decoding."""
+def _start_decoding(engine: Engine, batch: int, context: int, tag: str) -> list[str]:
+    """Add `batch` requests of `context` prompt tokens and step until every one is decoding.
+
+    Their max_tokens is a ceiling only: callers abort them when done (early ones must not finish first).
+    """
+    if engine.has_unfinished():
+        raise RuntimeError("the engine must be idle to time its decode step")
     prompts = [synthetic_prompt(engine.tokenizer, context, seed=1000 + i) for i in range(batch)]
     ids = [f"{tag}-{i}" for i in range(batch)]
     for rid, p in zip(ids, prompts):
-        engine.add_request(rid, prompt_token_ids=p, params=_greedy(max_tokens))
+        engine.add_request(rid, prompt_token_ids=p, params=_greedy(engine.max_model_len - context))
     started: set[str] = set()
     while len(started) < batch:
         started.update(o.request_id for o in engine.step())
     return ids
 
 
-def engine_decode_step_ms(engine: Engine, batch: int, context: int = 128, steps: int = 8,
-                          warmup: int = 2) -> float:
-    """Median wall time of one `engine.step()` while exactly `batch` requests decode at ~`context` tokens."""
-    if engine.has_unfinished():
-        raise RuntimeError("the engine must be idle to time its decode step")
-    # max_tokens is a ceiling only: the requests are aborted once timed (early ones must not finish first)
-    ids = _start_decoding(engine, batch, context, f"dec{batch}", max_tokens=engine.max_model_len - context)
-    for _ in range(warmup):
-        engine.step()
-    times = []
-    for _ in range(steps):
+@contextmanager
+def engine_decoder(engine: Engine, batch: int, context: int = 128) -> Iterator[Callable[[], float]]:
+    """A function that runs one `engine.step()` with exactly `batch` requests decoding and returns its
+    seconds; the requests are prefilled on entry and aborted on exit."""
+    ids = _start_decoding(engine, batch, context, f"dec{batch}")
+
+    def step() -> float:
         with _timer(engine.config.device) as t:
             outs = engine.step()
         if len(outs) != batch:
             raise RuntimeError(f"expected {batch} decodes in the step, got {len(outs)}")
-        times.append(t[0])
-    for rid in ids:
-        engine.abort(rid)
-    return 1000.0 * statistics.median(times)
+        return t[0]
+
+    try:
+        yield step
+    finally:
+        for rid in ids:
+            engine.abort(rid)
 
 
 def profile_engine_decode(engine: Engine, batch: int = 32, context: int = 128, steps: int = 6,
                           top: int = 8) -> str:
     """Where a decode step of `batch` requests spends its time: cProfile (Python functions, by own time) and
     torch.profiler (operators, by self CPU time)."""
-    ids = _start_decoding(engine, batch, context, f"prof{batch}", max_tokens=engine.max_model_len - context)
+    ids = _start_decoding(engine, batch, context, f"prof{batch}")
     engine.step()
     profiler = cProfile.Profile()
     profiler.enable()
@@ -250,27 +255,58 @@ def hf_static_throughput(model, prompts: list[list[int]], output_lens: list[int]
     return result, got
 
 
-@torch.inference_mode()
-def hf_decode_step_ms(model, batch: int, context: int = 128, steps: int = 8, warmup: int = 2,
-                      tokenizer=None) -> float:
-    """Median wall time of one forward of `batch` single new tokens with `past_key_values` at ~`context`."""
+@contextmanager
+def hf_decoder(model, batch: int, context: int = 128, tokenizer=None) -> Iterator[Callable[[], float]]:
+    """A function that runs one forward of `batch` single new tokens with `past_key_values` (the cache
+    grows by one each call, as ours does) and returns its seconds; the prompts are prefilled on entry."""
     device = str(model.device)
     if tokenizer is not None:
         prompts = [synthetic_prompt(tokenizer, context, seed=1000 + i) for i in range(batch)]
     else:
         prompts = [[(7 * i + j) % 1000 + 100 for j in range(context)] for i in range(batch)]
-    out = model(input_ids=torch.tensor(prompts, device=device), use_cache=True)
-    cache = out.past_key_values
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    times = []
-    for i in range(warmup + steps):
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor(prompts, device=device), use_cache=True)
+    state = {"cache": out.past_key_values, "token": out.logits[:, -1].argmax(-1, keepdim=True)}
+
+    @torch.inference_mode()
+    def step() -> float:
         with _timer(device) as t:
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-        cache = out.past_key_values
-        if i >= warmup:
-            times.append(t[0])
-    return 1000.0 * statistics.median(times)
+            out = model(input_ids=state["token"], past_key_values=state["cache"], use_cache=True)
+            state["token"] = out.logits[:, -1].argmax(-1, keepdim=True)
+        state["cache"] = out.past_key_values
+        return t[0]
+
+    yield step
+
+
+def median_step_ms(step: Callable[[], float], steps: int = 8, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    return 1000.0 * statistics.median(step() for _ in range(steps))
+
+
+def engine_decode_step_ms(engine: Engine, batch: int, context: int = 128, steps: int = 8) -> float:
+    """Median wall time of one `engine.step()` while exactly `batch` requests decode at ~`context` tokens."""
+    with engine_decoder(engine, batch, context) as step:
+        return median_step_ms(step, steps)
+
+
+def hf_decode_step_ms(model, batch: int, context: int = 128, steps: int = 8, tokenizer=None) -> float:
+    """Median wall time of one transformers forward of `batch` new tokens over ~`context` cached tokens."""
+    with hf_decoder(model, batch, context, tokenizer) as step:
+        return median_step_ms(step, steps)
+
+
+def compare_decode_steps(engine: Engine, model, batch: int, context: int = 128, steps: int = 8,
+                         warmup: int = 2) -> tuple[float, float]:
+    """(ours ms, transformers ms): median step times, the two sides' steps interleaved one for one so that
+    both see the same load from whatever else runs on the machine."""
+    with engine_decoder(engine, batch, context) as ours, hf_decoder(model, batch, context, engine.tokenizer) as hf:
+        for _ in range(warmup):
+            ours()
+            hf()
+        times = [(ours(), hf()) for _ in range(steps)]
+    return (1000.0 * statistics.median(t[0] for t in times), 1000.0 * statistics.median(t[1] for t in times))
 
 
 # ----- the report -----------------------------------------------------------------------------------------------
@@ -337,8 +373,11 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--steps", type=int, default=8, help="decode steps per timing, median taken (8)")
     parser.add_argument("--repeats", type=int, default=2, help="throughput runs per side, fastest kept (2)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="our step budget (512)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="also profile our batch-32 decode step")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     begin = time.perf_counter()
     torch.manual_seed(0)
@@ -346,7 +385,8 @@ def main(argv: list[str] | None = None) -> float:
     model = load_hf_reference(args.device, engine.config.torch_dtype())
     work = trace_workload(engine.tokenizer, args.requests, args.seed)
     print(f"SmolLM2-135M-Instruct ({smollm2_path().name}, dequantised to {engine.config.torch_dtype()}) on "
-          f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average at start {os.getloadavg()[0]:.1f}")
     print(f"workload: {work.description}")
     print(f"ours: max_num_batched_tokens {args.max_num_batched_tokens}, max_num_seqs "
           f"{engine.config.max_num_seqs}, block_size {engine.config.block_size}")
@@ -355,9 +395,7 @@ def main(argv: list[str] | None = None) -> float:
     with torch.inference_mode():
         warm_up(engine, model, engine.tokenizer)
         cmp = compare_throughput(engine, model, work, args.hf_batch, args.repeats)
-        decode = {b: (engine_decode_step_ms(engine, b, args.context, args.steps),
-                      hf_decode_step_ms(model, b, args.context, args.steps, tokenizer=engine.tokenizer))
-                  for b in DECODE_BATCHES}
+        decode = {b: compare_decode_steps(engine, model, b, args.context, args.steps) for b in DECODE_BATCHES}
 
     print(f"{'throughput (fastest of ' + str(args.repeats) + ')':<44}{'wall s':>8}{'all runs s':>14}"
           f"{'useful tok':>12}{'tok/s':>9}{'output waste':>14}{'prompt pos':>12}")
@@ -381,7 +419,7 @@ def main(argv: list[str] | None = None) -> float:
         print(profile_engine_decode(engine, batch=32, context=args.context))
     ratio = cmp.ratio
     print()
-    print(f"total benchmark time {time.perf_counter() - begin:.0f} s")
+    print(f"total benchmark time {time.perf_counter() - begin:.0f} s, load average at end {os.getloadavg()[0]:.1f}")
     print(f"ratio_ours_over_hf={ratio:.2f}")
     return ratio
 

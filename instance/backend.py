@@ -43,6 +43,22 @@ class LoadSnapshot:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RequestInfo:
+    """One request as the control plane sees it (migration, policies, status)."""
+
+    request_id: str
+    status: str                   # waiting | running | suspended
+    num_tokens: int               # prompt + output so far
+    num_prompt_tokens: int
+    num_output_tokens: int
+    max_tokens: int
+    num_computed_tokens: int
+    priority: int
+    num_preemptions: int
+    block_ids: tuple[int, ...] = ()
+
+
 class EngineBackend(abc.ABC):
     """What an instance needs from an engine. All methods are called from one thread."""
 
@@ -70,6 +86,12 @@ class EngineBackend(abc.ABC):
 
     @abc.abstractmethod
     def check_integrity(self) -> None: ...
+
+    @abc.abstractmethod
+    def request_info(self, request_id: str, with_blocks: bool = False) -> RequestInfo | None: ...
+
+    @abc.abstractmethod
+    def list_requests(self) -> list[RequestInfo]: ...
 
     # migration: source half
     @abc.abstractmethod

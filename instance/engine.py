@@ -11,7 +11,7 @@ import random
 import time
 from collections import deque
 
-from instance.backend import EngineBackend, LoadSnapshot
+from instance.backend import EngineBackend, LoadSnapshot, RequestInfo
 from instance.config import EngineConfig
 from instance.kv_cache import BlockPool, KVCacheTensors, OutOfBlocksError
 from instance.model.loader import load_model
@@ -198,6 +198,19 @@ class Engine(EngineBackend):
                 raise AssertionError(f"request {r.request_id} is {r.status.value} but queued={in_queue}")
             if len(r.block_ids) < blocks_for(r.num_computed_tokens, self.config.block_size):
                 raise AssertionError(f"request {r.request_id} has fewer blocks than its computed tokens need")
+
+    def request_info(self, request_id: str, with_blocks: bool = False) -> RequestInfo | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        return RequestInfo(request_id=req.request_id, status=req.status.value, num_tokens=req.num_tokens,
+                           num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
+                           max_tokens=req.params.max_tokens, num_computed_tokens=req.num_computed_tokens,
+                           priority=req.priority, num_preemptions=req.num_preemptions,
+                           block_ids=tuple(req.block_ids) if with_blocks else ())
+
+    def list_requests(self) -> list[RequestInfo]:
+        return [self.request_info(rid) for rid in self.requests]
 
     # ----- migration hooks ---------------------------------------------------------------------------------
     def _get(self, request_id: str) -> Request:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from instance.backend import LoadSnapshot
+from instance.backend import LoadSnapshot, RequestInfo
 
 
 @dataclass(frozen=True)
@@ -41,3 +41,6 @@ class InstanceStatus:
     load: LoadSnapshot
     step_index: int                # steps run so far; requests added before step k show up from step k on
     num_requests: int              # requests this instance holds (running, waiting, suspended)
+    requests: tuple[RequestInfo, ...] = ()      # what the migration policy chooses from
+    migrations_out: int = 0        # outgoing migrations in flight
+    migrations_in: int = 0         # incoming migrations in flight (reservations held)

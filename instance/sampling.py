@@ -20,6 +20,10 @@ class InvalidRequestError(ValueError):
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.message = message
+
+    def __reduce__(self):    # crosses process boundaries inside Ray errors
+        return InvalidRequestError, (self.field, self.message)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     tidal serve     [--model M] [--instances N] [--port P] [--ray-address A] [--config FILE] ...
     tidal generate  "prompt" [--addr A] [--max-tokens N] [--temperature T] [--seed S] [--priority P]
     tidal status    [--addr A]
+    tidal drain INSTANCE | undrain INSTANCE | rebalance | migrate REQUEST_ID [--to INSTANCE]
 """
 
 from __future__ import annotations
@@ -57,9 +58,20 @@ def _add_client(sub) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
     g.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
-    s = sub.add_parser("status", help="show the instances of a running deployment")
+    s = sub.add_parser("status", help="show the instances and the migrations of a running deployment")
     s.add_argument("--addr", default=default_addr())
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    d = sub.add_parser("drain", help="stop dispatching to an instance and migrate its requests away")
+    d.add_argument("instance")
+    u = sub.add_parser("undrain", help="dispatch to a drained instance again")
+    u.add_argument("instance")
+    r = sub.add_parser("rebalance", help="run the migration policy now and show the moves")
+    m = sub.add_parser("migrate", help="live-migrate one running request")
+    m.add_argument("request_id")
+    m.add_argument("--to", help="destination instance (default: the scheduler picks)")
+    for p in (d, u, r, m):
+        p.add_argument("--addr", default=default_addr())
+        p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +164,10 @@ def format_status(instances) -> str:
         state = admin_pb2.InstanceState.Name(inst.state).removeprefix("INSTANCE_STATE_").lower()
         rows.append((inst.instance_id, inst.node_ip or inst.node_id[:12], state, str(load.num_running),
                      str(load.num_waiting), f"{load.free_blocks}/{load.total_blocks}", f"{load.tokens_per_s:.0f}"))
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -166,14 +182,97 @@ def cmd_status(args) -> int:
             resp = admin_pb2_grpc.AdminServiceStub(ch).ListInstances(admin_pb2.ListInstancesRequest(), timeout=10)
         except grpc.RpcError as e:
             return _rpc_failed("status", args.addr, e)
+        try:
+            migrations = admin_pb2_grpc.AdminServiceStub(ch).ListMigrations(admin_pb2.ListMigrationsRequest(),
+                                                                            timeout=10)
+        except grpc.RpcError as e:
+            return _rpc_failed("status", args.addr, e)
     if args.json:
-        print(json.dumps(MessageToDict(resp), indent=2))
+        print(json.dumps({**MessageToDict(resp), **MessageToDict(migrations)}, indent=2))
         return 0
     print(format_status(resp.instances))
+    print(f"\nmigrations in flight: {len(migrations.in_flight)}")
+    if migrations.in_flight:
+        print(format_migrations(migrations.in_flight))
+    recent = list(migrations.recent)[-10:]
+    print(f"\nrecent migrations (last {len(recent)} of {len(migrations.recent)}):")
+    if recent:
+        print(format_migrations(recent))
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "status": cmd_status}
+def format_migrations(records) -> str:
+    from tidal.v1 import admin_pb2
+
+    rows = [("MIGRATION", "REQUEST", "FROM", "TO", "STATE", "STAGES", "BLOCKS", "DOWNTIME MS", "REASON")]
+    for r in records:
+        state = admin_pb2.MigrationState.Name(r.state).removeprefix("MIGRATION_STATE_").lower()
+        rows.append((r.migration_id, r.request_id, r.src, r.dst, state, str(r.stages), str(r.blocks_copied),
+                     f"{r.downtime_ms:.1f}", r.reason))
+    return _table(rows)
+
+
+def _admin(args, method: str, request):
+    from tidal.v1 import admin_pb2_grpc
+
+    with _channel(args.addr) as ch:
+        return getattr(admin_pb2_grpc.AdminServiceStub(ch), method)(request, timeout=args.timeout)
+
+
+def cmd_drain(args) -> int:
+    from tidal.v1 import admin_pb2
+
+    try:
+        r = _admin(args, "DrainInstance", admin_pb2.DrainInstanceRequest(instance_id=args.instance))
+    except grpc.RpcError as e:
+        return _rpc_failed("drain", args.addr, e)
+    print(f"drained {r.instance_id}: {len(r.moved)} moved, {len(r.not_moved)} could not move, "
+          f"{r.remaining} remaining")
+    if r.moved:
+        print(format_migrations(r.moved))
+    for nm in r.not_moved:
+        print(f"  not moved: {nm.request_id}: {nm.reason}")
+    return 0 if r.remaining == 0 else EXIT_FAILED
+
+
+def cmd_undrain(args) -> int:
+    from tidal.v1 import admin_pb2
+
+    try:
+        r = _admin(args, "UndrainInstance", admin_pb2.UndrainInstanceRequest(instance_id=args.instance))
+    except grpc.RpcError as e:
+        return _rpc_failed("undrain", args.addr, e)
+    print(f"{args.instance}: {admin_pb2.InstanceState.Name(r.state).removeprefix('INSTANCE_STATE_').lower()}")
+    return 0
+
+
+def cmd_rebalance(args) -> int:
+    from tidal.v1 import admin_pb2
+
+    try:
+        r = _admin(args, "Rebalance", admin_pb2.RebalanceRequest())
+    except grpc.RpcError as e:
+        return _rpc_failed("rebalance", args.addr, e)
+    print(f"rebalance: {len(r.migrations)} migrations")
+    if r.migrations:
+        print(format_migrations(r.migrations))
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    from tidal.v1 import admin_pb2
+
+    try:
+        r = _admin(args, "MigrateRequest", admin_pb2.MigrateRequestRequest(request_id=args.request_id,
+                                                                          to_instance_id=args.to or ""))
+    except grpc.RpcError as e:
+        return _rpc_failed("migrate", args.addr, e)
+    print(format_migrations([r.migration]))
+    return 0 if r.migration.state == admin_pb2.MIGRATION_STATE_COMMITTED else EXIT_FAILED
+
+
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "status": cmd_status, "drain": cmd_drain,
+            "undrain": cmd_undrain, "rebalance": cmd_rebalance, "migrate": cmd_migrate}
 
 
 def main(argv: list[str] | None = None) -> int:

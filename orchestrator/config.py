@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from instance.config import EngineConfig
+from migration.protocol import MigrationConfig
 
 DEFAULT_PORT = 50051
 
@@ -42,6 +43,14 @@ class ServeConfig(BaseModel):
     call_timeout_s: float = Field(30.0, gt=0, description="deadline of one call to an instance")
     stream_idle_timeout_s: float = Field(300.0, gt=0, description="a stream with no token for this long fails")
     grace_period_s: float = Field(10.0, ge=0, description="shutdown: time in-flight requests get to finish")
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
+    auto_migrate: bool = Field(True, description="run the migration policy in the reconcile loop")
+    rebalance_interval_s: float = Field(0.5, gt=0, description="how often the migration policy runs")
+    migrate_choose: Literal["shortest", "longest", "lowest-priority", "newest"] = Field(
+        "shortest", description="which request the migration policy moves")
+    source_freeness: float = Field(8.0, description="below this freeness an instance gives work away")
+    target_freeness: float = Field(24.0, description="above this freeness an instance takes work")
+    drain_timeout_s: float = Field(300.0, gt=0, description="a drain gives up on what is left after this long")
 
     @property
     def gpus_per_instance(self) -> float:

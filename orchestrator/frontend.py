@@ -25,6 +25,7 @@ from instance.messages import TokenChunk
 from instance.model.loader import load_tokenizer
 from instance.sampling import InvalidRequestError, SamplingParams, validate_request
 from orchestrator.config import ServeConfig
+from orchestrator.errors import AdminError
 from orchestrator.policies.dispatch import Candidate, choose_instance
 from orchestrator.scheduler import SERVING, InstanceView
 from tidal.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
@@ -71,7 +72,6 @@ class RequestStream:
         self.held[chunk.seq] = chunk
         while self.next_seq in self.held:
             c = self.held.pop(self.next_seq)
-            self.instance_id = c.instance_id
             self.queue.put_nowait(c)
             self.next_seq += 1
 
@@ -93,6 +93,7 @@ class Frontend:
         self.views: dict[str, InstanceView] = {}
         self.streams: dict[str, RequestStream] = {}
         self.pending: dict[str, dict[str, _Pending]] = {}     # instance id -> request id -> pending
+        self._orphans: dict[str, None] = {}                   # request ids already aborted as orphans
         self.accepting = False
         self.shutting_down = False
         self.server: grpc.aio.Server | None = None
@@ -100,6 +101,7 @@ class Frontend:
         self._rng = random.Random()
         self._turn = 0
         self._self_actor = None
+        self.scheduler = None
         self.port = 0
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
@@ -108,6 +110,7 @@ class Frontend:
         if self.server is not None:
             return self.port
         self._self_actor = ray.get_runtime_context().current_actor
+        self.scheduler = scheduler
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self), server)
@@ -174,6 +177,28 @@ class Frontend:
             stream = self.streams.get(chunk.request_id)
             if stream is not None:
                 stream.offer(chunk)
+            elif chunk.finish_reason is None:
+                self._abort_orphan(chunk.request_id, chunk.instance_id, None)
+
+    async def request_moved(self, request_id: str, instance_id: str, actor: Any) -> None:
+        """A migration committed: aborts of this request now go to its new instance."""
+        stream = self.streams.get(request_id)
+        if stream is None:
+            self._abort_orphan(request_id, instance_id, actor)
+            return
+        stream.instance_id, stream.actor = instance_id, actor
+
+    def _abort_orphan(self, request_id: str, instance_id: str, actor: Any) -> None:
+        """Tokens (or a move) for a stream this frontend no longer holds: its client is gone, stop it there."""
+        if request_id in self._orphans:
+            return
+        self._orphans[request_id] = None
+        while len(self._orphans) > 4096:
+            self._orphans.pop(next(iter(self._orphans)))
+        view = self.views.get(instance_id)
+        target = actor or (view.actor if view else None)
+        if target is not None:
+            asyncio.ensure_future(self._abort_on_instance(RequestStream(request_id, instance_id, target)))
 
     # ----- generation ----------------------------------------------------------------------------------------
     def parse(self, request) -> tuple[list[int], SamplingParams, int]:
@@ -295,9 +320,22 @@ class Frontend:
         stream.next_seq += 1
         return stream.instance_id
 
+    async def admin(self, method: str, *args, timeout_s: float | None = None):
+        """Forward an admin command to the scheduler; its AdminError becomes the RPC's status."""
+        try:
+            return await asyncio.wait_for(getattr(self.scheduler, method).remote(*args),
+                                          timeout_s or self.config.call_timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, AdminError):
+                raise RpcError(grpc.StatusCode[e.cause.code], e.cause.message) from None
+            raise RpcError(grpc.StatusCode.INTERNAL, f"{method} failed: {e.cause!r}") from None
+        except ray.exceptions.RayActorError:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the scheduler is restarting; retry shortly") from None
+        except asyncio.TimeoutError:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} did not finish in time") from None
+
     async def _abort_on_instance(self, stream: RequestStream) -> None:
-        view = self.views.get(stream.instance_id)
-        actor = view.actor if view is not None else stream.actor
+        actor = stream.actor
         try:
             await asyncio.wait_for(actor.abort.remote(stream.request_id), self.config.call_timeout_s)
             log.info("aborted %s on %s", stream.request_id, stream.instance_id)
@@ -313,6 +351,14 @@ def chunk_to_proto(chunk: TokenChunk) -> generation_pb2.GenerateResponse:
         msg.usage.prompt_tokens = chunk.prompt_tokens
         msg.usage.completion_tokens = chunk.completion_tokens
     return msg
+
+
+def migration_to_proto(r) -> admin_pb2.Migration:
+    return admin_pb2.Migration(
+        migration_id=r.migration_id, request_id=r.request_id, src=r.src, dst=r.dst,
+        state=admin_pb2.MigrationState.Value(f"MIGRATION_STATE_{r.state.value.upper()}"), stages=r.stage,
+        blocks_copied=r.blocks_copied, downtime_ms=r.downtime_ms, reason=r.reason, started_at=r.started_at,
+        ended_at=r.ended_at)
 
 
 def view_to_proto(v: InstanceView) -> admin_pb2.Instance:
@@ -356,3 +402,39 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if v is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"instance_id: no instance {request.instance_id!r}")
         return admin_pb2.GetInstanceResponse(instance=view_to_proto(v))
+
+    async def _admin(self, context, method: str, *args, timeout_s: float | None = None):
+        try:
+            return await self.fe.admin(method, *args, timeout_s=timeout_s)
+        except RpcError as e:
+            await context.abort(e.code, str(e))
+
+    async def DrainInstance(self, request, context):
+        report = await self._admin(context, "drain", request.instance_id,
+                                   timeout_s=self.fe.config.drain_timeout_s + 30)
+        return admin_pb2.DrainInstanceResponse(
+            instance_id=report.instance_id, moved=[migration_to_proto(r) for r in report.moved],
+            not_moved=[admin_pb2.NotMoved(request_id=rid, reason=why) for rid, why in report.not_moved],
+            remaining=report.remaining)
+
+    async def UndrainInstance(self, request, context):
+        state = await self._admin(context, "undrain", request.instance_id)
+        return admin_pb2.UndrainInstanceResponse(state=INSTANCE_STATES[state])
+
+    async def Rebalance(self, request, context):
+        records = await self._admin(context, "rebalance", timeout_s=self._migration_timeout())
+        return admin_pb2.RebalanceResponse(migrations=[migration_to_proto(r) for r in records])
+
+    async def MigrateRequest(self, request, context):
+        record = await self._admin(context, "migrate", request.request_id, request.to_instance_id or None,
+                                   timeout_s=self._migration_timeout())
+        return admin_pb2.MigrateRequestResponse(migration=migration_to_proto(record))
+
+    async def ListMigrations(self, request, context):
+        in_flight, recent = await self._admin(context, "list_migrations")
+        return admin_pb2.ListMigrationsResponse(in_flight=[migration_to_proto(r) for r in in_flight],
+                                                recent=[migration_to_proto(r) for r in recent])
+
+    def _migration_timeout(self) -> float:
+        m = self.fe.config.migration
+        return m.call_timeout_s * (m.max_stages + 6)

@@ -4,9 +4,11 @@ It creates the instances with their Ray resources, then runs one reconcile loop 
 guarded and timed so one failing step does not stop the others:
 
   1. observe   — poll each instance's status (one outstanding call per instance, never blocking the loop);
-  2. decide    — pure policies over the snapshots (migration arrives with its own issue);
-  3. act       — carry the decisions out;
+  2. decide    — the migration policy (pure, orchestrator/policies/migration.py) over the snapshots;
+  3. act       — start the planned migrations (tracked, never awaited by the loop);
   4. broadcast — push the instance table to every registered frontend, which dispatches on it locally.
+
+Admin operations (drain, undrain, rebalance, migrate) run beside the loop and use the same policies.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +25,18 @@ import ray
 
 from instance.actor import InstanceActor
 from instance.messages import InstanceInfo, InstanceStatus
+from migration.protocol import MigrationRecord, MigrationState
 from orchestrator.config import ServeConfig
+from orchestrator.errors import failed_precondition, not_found
 from orchestrator.handles import InstanceHandle
+from orchestrator.policies.migration import (InstanceState, MigrationPolicyConfig, PlannedMove, plan_drain,
+                                             plan_migrations)
 
 log = logging.getLogger(__name__)
 
 STARTING, SERVING, DRAINING, DEAD = "starting", "serving", "draining", "dead"
+RECENT_MIGRATIONS = 200
+DRAIN_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,14 @@ class InstanceView:
     observed_at: float              # time.time() of the status, 0 if none yet
 
 
+@dataclass(frozen=True)
+class DrainReport:
+    instance_id: str
+    moved: list[MigrationRecord]
+    not_moved: list[tuple[str, str]]     # (request id, why)
+    remaining: int
+
+
 @dataclass
 class _Instance:
     handle: InstanceHandle
@@ -51,9 +69,20 @@ class _Instance:
     poll: asyncio.Task | None = None
     failures: int = 0
 
+    @property
+    def instance_id(self) -> str:
+        return self.handle.instance_id
+
     def view(self) -> InstanceView:
-        return InstanceView(self.handle.instance_id, self.handle.actor, self.state, self.info, self.status,
+        return InstanceView(self.instance_id, self.handle.actor, self.state, self.info, self.status,
                             self.observed_at)
+
+    def policy_state(self) -> InstanceState | None:
+        if self.status is None or self.state == DEAD:
+            return None
+        return InstanceState(self.instance_id, self.status.load, self.status.requests,
+                             accepting=self.state == SERVING, migrations_out=self.status.migrations_out,
+                             migrations_in=self.status.migrations_in)
 
 
 @dataclass
@@ -67,8 +96,15 @@ class GlobalScheduler:
     def __init__(self, config: dict):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.config = ServeConfig(**config)
+        cfg = self.config
+        self.policy = MigrationPolicyConfig(source_freeness=cfg.source_freeness, target_freeness=cfg.target_freeness,
+                                            choose=cfg.migrate_choose)
         self.instances: dict[str, _Instance] = {}
         self.frontends: dict[str, _Frontend] = {}
+        self.migrating: dict[str, asyncio.Task] = {}             # request id -> migration task
+        self.recent: deque[MigrationRecord] = deque(maxlen=RECENT_MIGRATIONS)
+        self.last_move_at: dict[str, float] = {}
+        self._last_rebalance = 0.0
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self.step_timings_ms: dict[str, float] = {}
@@ -85,8 +121,8 @@ class GlobalScheduler:
                 actor = actor_cls.options(
                     name=cfg.actor_name(iid), namespace=cfg.namespace, lifetime="detached",
                     num_cpus=cfg.num_cpus_per_instance, num_gpus=cfg.gpus_per_instance,
-                    scheduling_strategy="SPREAD", max_restarts=0,
-                ).remote(iid, cfg.engine.model_dump(), threads)
+                    scheduling_strategy="SPREAD", max_restarts=0, max_concurrency=1000,
+                ).remote(iid, cfg.engine.model_dump(), threads, cfg.migration.model_dump())
                 self.instances[iid] = _Instance(InstanceHandle(iid, actor, cfg.call_timeout_s))
             log.info("starting %d instances of %s", cfg.instances, cfg.engine.model)
             await asyncio.gather(*(self._start_instance(inst) for inst in self.instances.values()))
@@ -97,9 +133,11 @@ class GlobalScheduler:
         try:
             inst.info = await inst.handle.start(timeout_s=self.config.startup_timeout_s)
         except Exception as e:
-            raise RuntimeError(f"{inst.handle.instance_id} failed to start: {e}") from e
+            raise RuntimeError(f"{inst.instance_id} failed to start: {e}") from e
+        inst.status = await inst.handle.get_status()
+        inst.observed_at = time.time()
         inst.state = SERVING
-        log.info("%s serving on node %s (%s)", inst.handle.instance_id, inst.info.node_ip, inst.info.node_id[:12])
+        log.info("%s serving on node %s (%s)", inst.instance_id, inst.info.node_ip, inst.info.node_id[:12])
 
     async def shutdown(self) -> None:
         """Stop the loop and kill the instances this scheduler created."""
@@ -126,9 +164,10 @@ class GlobalScheduler:
     # ----- the reconcile loop ----------------------------------------------------------------------------------
     async def _reconcile_forever(self) -> None:
         interval = self.config.load_interval_s
+        steps = (("observe", self._observe), ("decide+act", self._auto_rebalance), ("broadcast", self._broadcast))
         while not self._stopping:
             started = time.perf_counter()
-            for name, step in (("observe", self._observe), ("broadcast", self._broadcast)):
+            for name, step in steps:
                 t0 = time.perf_counter()
                 try:
                     step()
@@ -157,9 +196,22 @@ class GlobalScheduler:
         inst.failures += 1
         if isinstance(err, ray.exceptions.RayActorError):
             inst.state = DEAD
-            log.error("%s is dead: %s", inst.handle.instance_id, err)
+            log.error("%s is dead: %s", inst.instance_id, err)
         else:
-            log.warning("%s: status poll failed (%d in a row): %r", inst.handle.instance_id, inst.failures, err)
+            log.warning("%s: status poll failed (%d in a row): %r", inst.instance_id, inst.failures, err)
+
+    def _auto_rebalance(self) -> None:
+        now = time.monotonic()
+        if not self.config.auto_migrate or now - self._last_rebalance < self.config.rebalance_interval_s:
+            return
+        self._last_rebalance = now
+        for move in self._plan(now):
+            self._launch(move)
+
+    def _plan(self, now: float) -> list[PlannedMove]:
+        states = [s for s in (inst.policy_state() for inst in self.instances.values()) if s is not None]
+        moves = plan_migrations(states, self.policy, now, self.last_move_at)
+        return [m for m in moves if m.request_id not in self.migrating]
 
     def _broadcast(self) -> None:
         views = self.list_instances()
@@ -174,4 +226,133 @@ class GlobalScheduler:
                     continue
             fe.push = asyncio.ensure_future(
                 asyncio.wait_for(fe.actor.update_instances.remote(views), self.config.call_timeout_s))
+
+    # ----- migrations ------------------------------------------------------------------------------------------
+    def _launch(self, move: PlannedMove) -> asyncio.Task:
+        log.info("migrate %s: %s", move.request_id, move.reason)
+        self.last_move_at[move.src] = self.last_move_at[move.dst] = time.monotonic()
+        task = asyncio.ensure_future(self._run_migration(move.request_id, move.src, move.dst))
+        self.migrating[move.request_id] = task
+        task.add_done_callback(lambda _: self.migrating.pop(move.request_id, None))
+        return task
+
+    async def _run_migration(self, request_id: str, src: str, dst: str) -> MigrationRecord:
+        mid = uuid.uuid4().hex[:12]
+        cfg = self.config.migration
+        timeout = cfg.call_timeout_s * (cfg.max_stages + 4)
+        try:
+            record = await asyncio.wait_for(
+                self.instances[src].handle.actor.migrate_out.remote(request_id, dst, self.instances[dst].handle.actor,
+                                                                    mid), timeout)
+        except Exception as e:  # noqa: BLE001 - the source died or hung: report it, the failover path recovers
+            record = MigrationRecord(mid, request_id, src, dst, MigrationState.ABORTED_SRC,
+                                     reason=f"source unreachable: {type(e).__name__}", ended_at=time.time())
+        self.recent.append(record)
+        return record
+
+    def _instance(self, instance_id: str) -> _Instance:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise not_found(f"instance_id: no instance {instance_id!r}; `tidal status` lists them")
+        return inst
+
+    async def _locate(self, request_id: str) -> tuple[_Instance, Any]:
+        """The live instance holding request_id (asked directly, not from the last poll) and its info."""
+        live = [i for i in self.instances.values() if i.state != DEAD]
+        infos = await asyncio.gather(*(asyncio.wait_for(i.handle.actor.request_info.remote(request_id),
+                                                        self.config.call_timeout_s) for i in live),
+                                     return_exceptions=True)
+        for inst, info in zip(live, infos):
+            if info is not None and not isinstance(info, BaseException):
+                return inst, info
+        raise not_found(f"request_id: no running request {request_id!r}")
+
+    async def migrate(self, request_id: str, to_instance: str | None = None) -> MigrationRecord:
+        src, info = await self._locate(request_id)
+        if to_instance:
+            dst = self._instance(to_instance)
+            if dst is src:
+                raise failed_precondition(f"request {request_id} is already on {to_instance}")
+            if dst.state != SERVING:
+                raise failed_precondition(f"{to_instance} is {dst.state}; only a serving instance takes requests")
+        else:
+            states = [s for s in (i.policy_state() for i in self.instances.values())
+                      if s is not None and s.instance_id != src.instance_id]
+            moves, cannot = plan_drain(
+                InstanceState(src.instance_id, src.status.load, (info,), accepting=False), states, self.policy)
+            if not moves:
+                reason = cannot[0][1] if cannot else "no other serving instance"
+                raise failed_precondition(f"request {request_id} cannot move: {reason}")
+            dst = self.instances[moves[0].dst]
+        if request_id in self.migrating:
+            raise failed_precondition(f"request {request_id} is already being migrated")
+        log.info("migrate %s: operator asked, %s -> %s", request_id, src.instance_id, dst.instance_id)
+        return await self._launch(PlannedMove(request_id, src.instance_id, dst.instance_id, "operator request"))
+
+    async def rebalance(self) -> list[MigrationRecord]:
+        moves = self._plan(time.monotonic())
+        if not moves:
+            log.info("rebalance: nothing to move")
+        return list(await asyncio.gather(*(self._launch(m) for m in moves)))
+
+    async def drain(self, instance_id: str) -> DrainReport:
+        inst = self._instance(instance_id)
+        if inst.state == DEAD:
+            raise failed_precondition(f"{instance_id} is dead; there is nothing to drain")
+        if inst.state != DRAINING:
+            inst.state = DRAINING
+            log.info("drain %s: no longer dispatched to; moving its requests away", instance_id)
+            self._broadcast()
+        moved: list[MigrationRecord] = []
+        failures: dict[str, list[str]] = {}
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        remaining: tuple = ()
+        while time.monotonic() < deadline:
+            inst.status = await inst.handle.get_status()
+            remaining = inst.status.requests
+            movable = [r for r in remaining if len(failures.get(r.request_id, ())) < DRAIN_RETRIES
+                       and r.request_id not in self.migrating]
+            if not remaining or not movable:
+                if remaining and any(r.request_id in self.migrating for r in remaining):
+                    await asyncio.sleep(0.05)       # wait for migrations in flight
+                    continue
+                break
+            others = [s for s in (i.policy_state() for i in self.instances.values())
+                      if s is not None and s.instance_id != instance_id]
+            me = InstanceState(instance_id, inst.status.load, tuple(movable), accepting=False)
+            moves, cannot = plan_drain(me, others, self.policy)
+            for rid, reason in cannot:
+                failures.setdefault(rid, []).append(reason)
+            if not moves:
+                await asyncio.sleep(0.2)
+                continue
+            records = await asyncio.gather(*(self._launch(m) for m in moves[:self.config.migration.max_concurrent]))
+            for rec in records:
+                if rec.state is MigrationState.COMMITTED:
+                    moved.append(rec)
+                elif rec.state is not MigrationState.ENDED:
+                    failures.setdefault(rec.request_id, []).append(rec.reason or rec.state.value)
+        left = {r.request_id for r in remaining}
+        not_moved = [(rid, reasons[-1]) for rid, reasons in failures.items() if rid in left]
+        log.info("drain %s: %d moved, %d could not move, %d remaining", instance_id, len(moved), len(not_moved),
+                 len(left))
+        return DrainReport(instance_id, moved, not_moved, len(left))
+
+    async def undrain(self, instance_id: str) -> str:
+        inst = self._instance(instance_id)
+        if inst.state == DEAD:
+            raise failed_precondition(f"{instance_id} is dead; it cannot serve again")
+        if inst.state == DRAINING:
+            inst.state = SERVING
+            log.info("undrain %s: dispatching to it again", instance_id)
+            self._broadcast()
+        return inst.state
+
+    async def list_migrations(self) -> tuple[list[MigrationRecord], list[MigrationRecord]]:
+        live = [i for i in self.instances.values() if i.state != DEAD]
+        per = await asyncio.gather(*(asyncio.wait_for(i.handle.actor.list_migrations.remote(),
+                                                      self.config.call_timeout_s) for i in live),
+                                   return_exceptions=True)
+        in_flight = [r for recs in per if not isinstance(recs, BaseException) for r in recs if not r.state.done]
+        return in_flight, list(self.recent)
 

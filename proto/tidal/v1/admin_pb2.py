@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tidal/v1/admin.proto\x12\x08tidal.v1\"\xf1\x02\n\x0cInstanceLoad\x12\x14\n\x0ctotal_blocks\x18\x01 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x03 \x01(\x05\x12\x17\n\x0freserved_blocks\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x13\n\x0bnum_running\x18\x06 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\x05\x12\x15\n\rnum_preempted\x18\x08 \x01(\x05\x12\x15\n\rnum_suspended\x18\t \x01(\x05\x12\x1a\n\x12head_demand_blocks\x18\n \x01(\x05\x12\x1d\n\x15waiting_demand_blocks\x18\x0b \x01(\x05\x12\x16\n\x0erunning_tokens\x18\x0c \x01(\x03\x12\x14\n\x0cstep_time_ms\x18\r \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x0e \x01(\x01\x12\x1d\n\x15num_preemptions_total\x18\x0f \x01(\x03\"\xb2\x01\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.tidal.v1.InstanceState\x12\r\n\x05model\x18\x05 \x01(\t\x12$\n\x04load\x18\x06 \x01(\x0b\x32\x16.tidal.v1.InstanceLoad\x12\x12\n\nload_age_s\x18\x07 \x01(\x01\"\x16\n\x14ListInstancesRequest\">\n\x15ListInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.tidal.v1.Instance\")\n\x12GetInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\";\n\x13GetInstanceResponse\x12$\n\x08instance\x18\x01 \x01(\x0b\x32\x12.tidal.v1.Instance*\x9e\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x01\x12\x1a\n\x16INSTANCE_STATE_SERVING\x10\x02\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x03\x12\x17\n\x13INSTANCE_STATE_DEAD\x10\x04\x32\xac\x01\n\x0c\x41\x64minService\x12P\n\rListInstances\x12\x1e.tidal.v1.ListInstancesRequest\x1a\x1f.tidal.v1.ListInstancesResponse\x12J\n\x0bGetInstance\x12\x1c.tidal.v1.GetInstanceRequest\x1a\x1d.tidal.v1.GetInstanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tidal/v1/admin.proto\x12\x08tidal.v1\"\xf1\x02\n\x0cInstanceLoad\x12\x14\n\x0ctotal_blocks\x18\x01 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x03 \x01(\x05\x12\x17\n\x0freserved_blocks\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x13\n\x0bnum_running\x18\x06 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\x05\x12\x15\n\rnum_preempted\x18\x08 \x01(\x05\x12\x15\n\rnum_suspended\x18\t \x01(\x05\x12\x1a\n\x12head_demand_blocks\x18\n \x01(\x05\x12\x1d\n\x15waiting_demand_blocks\x18\x0b \x01(\x05\x12\x16\n\x0erunning_tokens\x18\x0c \x01(\x03\x12\x14\n\x0cstep_time_ms\x18\r \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x0e \x01(\x01\x12\x1d\n\x15num_preemptions_total\x18\x0f \x01(\x03\"\xb2\x01\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.tidal.v1.InstanceState\x12\r\n\x05model\x18\x05 \x01(\t\x12$\n\x04load\x18\x06 \x01(\x0b\x32\x16.tidal.v1.InstanceLoad\x12\x12\n\nload_age_s\x18\x07 \x01(\x01\"\x16\n\x14ListInstancesRequest\">\n\x15ListInstancesResponse\x12%\n\tinstances\x18\x01 \x03(\x0b\x32\x12.tidal.v1.Instance\")\n\x12GetInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\";\n\x13GetInstanceResponse\x12$\n\x08instance\x18\x01 \x01(\x0b\x32\x12.tidal.v1.Instance\"\xea\x01\n\tMigration\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0b\n\x03src\x18\x03 \x01(\t\x12\x0b\n\x03\x64st\x18\x04 \x01(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.tidal.v1.MigrationState\x12\x0e\n\x06stages\x18\x06 \x01(\x05\x12\x15\n\rblocks_copied\x18\x07 \x01(\x05\x12\x13\n\x0b\x64owntime_ms\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x0b \x01(\x01\".\n\x08NotMoved\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"+\n\x14\x44rainInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x8a\x01\n\x15\x44rainInstanceResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\"\n\x05moved\x18\x02 \x03(\x0b\x32\x13.tidal.v1.Migration\x12%\n\tnot_moved\x18\x03 \x03(\x0b\x32\x12.tidal.v1.NotMoved\x12\x11\n\tremaining\x18\x04 \x01(\x05\"-\n\x16UndrainInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"A\n\x17UndrainInstanceResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.tidal.v1.InstanceState\"\x12\n\x10RebalanceRequest\"<\n\x11RebalanceResponse\x12\'\n\nmigrations\x18\x01 \x03(\x0b\x32\x13.tidal.v1.Migration\"C\n\x15MigrateRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0eto_instance_id\x18\x02 \x01(\t\"@\n\x16MigrateRequestResponse\x12&\n\tmigration\x18\x01 \x01(\x0b\x32\x13.tidal.v1.Migration\"\x17\n\x15ListMigrationsRequest\"e\n\x16ListMigrationsResponse\x12&\n\tin_flight\x18\x01 \x03(\x0b\x32\x13.tidal.v1.Migration\x12#\n\x06recent\x18\x02 \x03(\x0b\x32\x13.tidal.v1.Migration*\x9e\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x01\x12\x1a\n\x16INSTANCE_STATE_SERVING\x10\x02\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x03\x12\x17\n\x13INSTANCE_STATE_DEAD\x10\x04*\x87\x02\n\x0eMigrationState\x12\x1f\n\x1bMIGRATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MIGRATION_STATE_PENDING\x10\x01\x12\x1b\n\x17MIGRATION_STATE_COPYING\x10\x02\x12\x1e\n\x1aMIGRATION_STATE_LAST_STAGE\x10\x03\x12\x1d\n\x19MIGRATION_STATE_COMMITTED\x10\x04\x12\x1f\n\x1bMIGRATION_STATE_ABORTED_SRC\x10\x05\x12\x1f\n\x1bMIGRATION_STATE_ABORTED_DST\x10\x06\x12\x19\n\x15MIGRATION_STATE_ENDED\x10\x07\x32\xc6\x04\n\x0c\x41\x64minService\x12P\n\rListInstances\x12\x1e.tidal.v1.ListInstancesRequest\x1a\x1f.tidal.v1.ListInstancesResponse\x12J\n\x0bGetInstance\x12\x1c.tidal.v1.GetInstanceRequest\x1a\x1d.tidal.v1.GetInstanceResponse\x12P\n\rDrainInstance\x12\x1e.tidal.v1.DrainInstanceRequest\x1a\x1f.tidal.v1.DrainInstanceResponse\x12V\n\x0fUndrainInstance\x12 .tidal.v1.UndrainInstanceRequest\x1a!.tidal.v1.UndrainInstanceResponse\x12\x44\n\tRebalance\x12\x1a.tidal.v1.RebalanceRequest\x1a\x1b.tidal.v1.RebalanceResponse\x12S\n\x0eMigrateRequest\x12\x1f.tidal.v1.MigrateRequestRequest\x1a .tidal.v1.MigrateRequestResponse\x12S\n\x0eListMigrations\x12\x1f.tidal.v1.ListMigrationsRequest\x1a .tidal.v1.ListMigrationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidal.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INSTANCESTATE']._serialized_start=780
-  _globals['_INSTANCESTATE']._serialized_end=938
+  _globals['_INSTANCESTATE']._serialized_start=1710
+  _globals['_INSTANCESTATE']._serialized_end=1868
+  _globals['_MIGRATIONSTATE']._serialized_start=1871
+  _globals['_MIGRATIONSTATE']._serialized_end=2134
   _globals['_INSTANCELOAD']._serialized_start=35
   _globals['_INSTANCELOAD']._serialized_end=404
   _globals['_INSTANCE']._serialized_start=407
@@ -45,6 +47,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINSTANCEREQUEST']._serialized_end=716
   _globals['_GETINSTANCERESPONSE']._serialized_start=718
   _globals['_GETINSTANCERESPONSE']._serialized_end=777
-  _globals['_ADMINSERVICE']._serialized_start=941
-  _globals['_ADMINSERVICE']._serialized_end=1113
+  _globals['_MIGRATION']._serialized_start=780
+  _globals['_MIGRATION']._serialized_end=1014
+  _globals['_NOTMOVED']._serialized_start=1016
+  _globals['_NOTMOVED']._serialized_end=1062
+  _globals['_DRAININSTANCEREQUEST']._serialized_start=1064
+  _globals['_DRAININSTANCEREQUEST']._serialized_end=1107
+  _globals['_DRAININSTANCERESPONSE']._serialized_start=1110
+  _globals['_DRAININSTANCERESPONSE']._serialized_end=1248
+  _globals['_UNDRAININSTANCEREQUEST']._serialized_start=1250
+  _globals['_UNDRAININSTANCEREQUEST']._serialized_end=1295
+  _globals['_UNDRAININSTANCERESPONSE']._serialized_start=1297
+  _globals['_UNDRAININSTANCERESPONSE']._serialized_end=1362
+  _globals['_REBALANCEREQUEST']._serialized_start=1364
+  _globals['_REBALANCEREQUEST']._serialized_end=1382
+  _globals['_REBALANCERESPONSE']._serialized_start=1384
+  _globals['_REBALANCERESPONSE']._serialized_end=1444
+  _globals['_MIGRATEREQUESTREQUEST']._serialized_start=1446
+  _globals['_MIGRATEREQUESTREQUEST']._serialized_end=1513
+  _globals['_MIGRATEREQUESTRESPONSE']._serialized_start=1515
+  _globals['_MIGRATEREQUESTRESPONSE']._serialized_end=1579
+  _globals['_LISTMIGRATIONSREQUEST']._serialized_start=1581
+  _globals['_LISTMIGRATIONSREQUEST']._serialized_end=1604
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_start=1606
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_end=1707
+  _globals['_ADMINSERVICE']._serialized_start=2137
+  _globals['_ADMINSERVICE']._serialized_end=2719
 # @@protoc_insertion_point(module_scope)

@@ -14,11 +14,30 @@ class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTANCE_STATE_SERVING: _ClassVar[InstanceState]
     INSTANCE_STATE_DRAINING: _ClassVar[InstanceState]
     INSTANCE_STATE_DEAD: _ClassVar[InstanceState]
+
+class MigrationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIGRATION_STATE_UNSPECIFIED: _ClassVar[MigrationState]
+    MIGRATION_STATE_PENDING: _ClassVar[MigrationState]
+    MIGRATION_STATE_COPYING: _ClassVar[MigrationState]
+    MIGRATION_STATE_LAST_STAGE: _ClassVar[MigrationState]
+    MIGRATION_STATE_COMMITTED: _ClassVar[MigrationState]
+    MIGRATION_STATE_ABORTED_SRC: _ClassVar[MigrationState]
+    MIGRATION_STATE_ABORTED_DST: _ClassVar[MigrationState]
+    MIGRATION_STATE_ENDED: _ClassVar[MigrationState]
 INSTANCE_STATE_UNSPECIFIED: InstanceState
 INSTANCE_STATE_STARTING: InstanceState
 INSTANCE_STATE_SERVING: InstanceState
 INSTANCE_STATE_DRAINING: InstanceState
 INSTANCE_STATE_DEAD: InstanceState
+MIGRATION_STATE_UNSPECIFIED: MigrationState
+MIGRATION_STATE_PENDING: MigrationState
+MIGRATION_STATE_COPYING: MigrationState
+MIGRATION_STATE_LAST_STAGE: MigrationState
+MIGRATION_STATE_COMMITTED: MigrationState
+MIGRATION_STATE_ABORTED_SRC: MigrationState
+MIGRATION_STATE_ABORTED_DST: MigrationState
+MIGRATION_STATE_ENDED: MigrationState
 
 class InstanceLoad(_message.Message):
     __slots__ = ("total_blocks", "free_blocks", "used_blocks", "reserved_blocks", "block_size", "num_running", "num_waiting", "num_preempted", "num_suspended", "head_demand_blocks", "waiting_demand_blocks", "running_tokens", "step_time_ms", "tokens_per_s", "num_preemptions_total")
@@ -93,3 +112,103 @@ class GetInstanceResponse(_message.Message):
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     instance: Instance
     def __init__(self, instance: _Optional[_Union[Instance, _Mapping]] = ...) -> None: ...
+
+class Migration(_message.Message):
+    __slots__ = ("migration_id", "request_id", "src", "dst", "state", "stages", "blocks_copied", "downtime_ms", "reason", "started_at", "ended_at")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    request_id: str
+    src: str
+    dst: str
+    state: MigrationState
+    stages: int
+    blocks_copied: int
+    downtime_ms: float
+    reason: str
+    started_at: float
+    ended_at: float
+    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., state: _Optional[_Union[MigrationState, str]] = ..., stages: _Optional[int] = ..., blocks_copied: _Optional[int] = ..., downtime_ms: _Optional[float] = ..., reason: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ...) -> None: ...
+
+class NotMoved(_message.Message):
+    __slots__ = ("request_id", "reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DrainInstanceRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class DrainInstanceResponse(_message.Message):
+    __slots__ = ("instance_id", "moved", "not_moved", "remaining")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    NOT_MOVED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    moved: _containers.RepeatedCompositeFieldContainer[Migration]
+    not_moved: _containers.RepeatedCompositeFieldContainer[NotMoved]
+    remaining: int
+    def __init__(self, instance_id: _Optional[str] = ..., moved: _Optional[_Iterable[_Union[Migration, _Mapping]]] = ..., not_moved: _Optional[_Iterable[_Union[NotMoved, _Mapping]]] = ..., remaining: _Optional[int] = ...) -> None: ...
+
+class UndrainInstanceRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class UndrainInstanceResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: InstanceState
+    def __init__(self, state: _Optional[_Union[InstanceState, str]] = ...) -> None: ...
+
+class RebalanceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RebalanceResponse(_message.Message):
+    __slots__ = ("migrations",)
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    migrations: _containers.RepeatedCompositeFieldContainer[Migration]
+    def __init__(self, migrations: _Optional[_Iterable[_Union[Migration, _Mapping]]] = ...) -> None: ...
+
+class MigrateRequestRequest(_message.Message):
+    __slots__ = ("request_id", "to_instance_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    to_instance_id: str
+    def __init__(self, request_id: _Optional[str] = ..., to_instance_id: _Optional[str] = ...) -> None: ...
+
+class MigrateRequestResponse(_message.Message):
+    __slots__ = ("migration",)
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    migration: Migration
+    def __init__(self, migration: _Optional[_Union[Migration, _Mapping]] = ...) -> None: ...
+
+class ListMigrationsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListMigrationsResponse(_message.Message):
+    __slots__ = ("in_flight", "recent")
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    in_flight: _containers.RepeatedCompositeFieldContainer[Migration]
+    recent: _containers.RepeatedCompositeFieldContainer[Migration]
+    def __init__(self, in_flight: _Optional[_Iterable[_Union[Migration, _Mapping]]] = ..., recent: _Optional[_Iterable[_Union[Migration, _Mapping]]] = ...) -> None: ...

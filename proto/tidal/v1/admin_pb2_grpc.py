@@ -45,6 +45,31 @@ class AdminServiceStub:
                 request_serializer=tidal_dot_v1_dot_admin__pb2.GetInstanceRequest.SerializeToString,
                 response_deserializer=tidal_dot_v1_dot_admin__pb2.GetInstanceResponse.FromString,
                 _registered_method=True)
+        self.DrainInstance = channel.unary_unary(
+                '/tidal.v1.AdminService/DrainInstance',
+                request_serializer=tidal_dot_v1_dot_admin__pb2.DrainInstanceRequest.SerializeToString,
+                response_deserializer=tidal_dot_v1_dot_admin__pb2.DrainInstanceResponse.FromString,
+                _registered_method=True)
+        self.UndrainInstance = channel.unary_unary(
+                '/tidal.v1.AdminService/UndrainInstance',
+                request_serializer=tidal_dot_v1_dot_admin__pb2.UndrainInstanceRequest.SerializeToString,
+                response_deserializer=tidal_dot_v1_dot_admin__pb2.UndrainInstanceResponse.FromString,
+                _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/tidal.v1.AdminService/Rebalance',
+                request_serializer=tidal_dot_v1_dot_admin__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=tidal_dot_v1_dot_admin__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
+        self.MigrateRequest = channel.unary_unary(
+                '/tidal.v1.AdminService/MigrateRequest',
+                request_serializer=tidal_dot_v1_dot_admin__pb2.MigrateRequestRequest.SerializeToString,
+                response_deserializer=tidal_dot_v1_dot_admin__pb2.MigrateRequestResponse.FromString,
+                _registered_method=True)
+        self.ListMigrations = channel.unary_unary(
+                '/tidal.v1.AdminService/ListMigrations',
+                request_serializer=tidal_dot_v1_dot_admin__pb2.ListMigrationsRequest.SerializeToString,
+                response_deserializer=tidal_dot_v1_dot_admin__pb2.ListMigrationsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -64,6 +89,43 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainInstance(self, request, context):
+        """Stop dispatching to the instance and migrate its running and waiting requests away. Repeating it is
+        harmless: it moves what is left. NOT_FOUND unknown id; FAILED_PRECONDITION the instance is dead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndrainInstance(self, request, context):
+        """Dispatch to a drained instance again. Harmless on a serving one. FAILED_PRECONDITION if dead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """Run the migration policy now and report the moves it made.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateRequest(self, request, context):
+        """Move one running request, to the given instance or to one the scheduler picks.
+        NOT_FOUND unknown request or instance; FAILED_PRECONDITION the destination cannot take requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMigrations(self, request, context):
+        """Migrations in flight and recent ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +138,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetInstance,
                     request_deserializer=tidal_dot_v1_dot_admin__pb2.GetInstanceRequest.FromString,
                     response_serializer=tidal_dot_v1_dot_admin__pb2.GetInstanceResponse.SerializeToString,
+            ),
+            'DrainInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainInstance,
+                    request_deserializer=tidal_dot_v1_dot_admin__pb2.DrainInstanceRequest.FromString,
+                    response_serializer=tidal_dot_v1_dot_admin__pb2.DrainInstanceResponse.SerializeToString,
+            ),
+            'UndrainInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainInstance,
+                    request_deserializer=tidal_dot_v1_dot_admin__pb2.UndrainInstanceRequest.FromString,
+                    response_serializer=tidal_dot_v1_dot_admin__pb2.UndrainInstanceResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=tidal_dot_v1_dot_admin__pb2.RebalanceRequest.FromString,
+                    response_serializer=tidal_dot_v1_dot_admin__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'MigrateRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateRequest,
+                    request_deserializer=tidal_dot_v1_dot_admin__pb2.MigrateRequestRequest.FromString,
+                    response_serializer=tidal_dot_v1_dot_admin__pb2.MigrateRequestResponse.SerializeToString,
+            ),
+            'ListMigrations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMigrations,
+                    request_deserializer=tidal_dot_v1_dot_admin__pb2.ListMigrationsRequest.FromString,
+                    response_serializer=tidal_dot_v1_dot_admin__pb2.ListMigrationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +220,141 @@ class AdminService:
             '/tidal.v1.AdminService/GetInstance',
             tidal_dot_v1_dot_admin__pb2.GetInstanceRequest.SerializeToString,
             tidal_dot_v1_dot_admin__pb2.GetInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidal.v1.AdminService/DrainInstance',
+            tidal_dot_v1_dot_admin__pb2.DrainInstanceRequest.SerializeToString,
+            tidal_dot_v1_dot_admin__pb2.DrainInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndrainInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidal.v1.AdminService/UndrainInstance',
+            tidal_dot_v1_dot_admin__pb2.UndrainInstanceRequest.SerializeToString,
+            tidal_dot_v1_dot_admin__pb2.UndrainInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidal.v1.AdminService/Rebalance',
+            tidal_dot_v1_dot_admin__pb2.RebalanceRequest.SerializeToString,
+            tidal_dot_v1_dot_admin__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidal.v1.AdminService/MigrateRequest',
+            tidal_dot_v1_dot_admin__pb2.MigrateRequestRequest.SerializeToString,
+            tidal_dot_v1_dot_admin__pb2.MigrateRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMigrations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidal.v1.AdminService/ListMigrations',
+            tidal_dot_v1_dot_admin__pb2.ListMigrationsRequest.SerializeToString,
+            tidal_dot_v1_dot_admin__pb2.ListMigrationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

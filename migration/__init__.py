@@ -1,0 +1,1 @@
+"""Live migration of running requests with their KV cache: protocol, source and destination halves, transports."""

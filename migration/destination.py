@@ -1,0 +1,119 @@
+"""The destination half of a live migration: reservations, imports, commit, and the watchdog that frees
+reservations a silent source left behind."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from migration.protocol import MigrationAborted, MigrationConfig, MigrationState
+
+log = logging.getLogger(__name__)
+
+_COMMITTED_MEMORY_S = 300.0     # how long a committed migration id is remembered (for abort-after-commit)
+
+
+class DestinationPort(Protocol):
+    """What the destination half needs from its instance (the InstanceActor implements it, between steps)."""
+
+    async def reserve_blocks(self, n: int) -> list[int]: ...
+
+    async def import_blocks(self, block_ids: list[int], blocks: Any) -> None: ...
+
+    async def release_blocks(self, block_ids: list[int]) -> None: ...
+
+    async def admit(self, state: Any, block_ids: list[int], sink: Any, next_seq: int) -> None: ...
+
+    async def abort_request(self, request_id: str) -> bool: ...
+
+
+@dataclass
+class Inbound:
+    migration_id: str
+    request_id: str
+    src: str
+    block_ids: list[int] = field(default_factory=list)
+    last_heard: float = 0.0
+
+
+class MigrationDestination:
+    def __init__(self, port: DestinationPort, config: MigrationConfig, receive: Callable[[Any], Any],
+                 clock: Callable[[], float] = time.monotonic):
+        self.port = port
+        self.config = config
+        self.receive_payload = receive
+        self.clock = clock
+        self.inbound: dict[str, Inbound] = {}
+        self.committed: dict[str, tuple[str, float]] = {}    # migration id -> (request id, when)
+
+    async def reserve(self, migration_id: str, request_id: str, src: str, n: int) -> list[int]:
+        inbound = self.inbound.get(migration_id)
+        if inbound is None:
+            if migration_id in self.committed:
+                raise MigrationAborted(MigrationState.ABORTED_DST, "migration already committed")
+            if len(self.inbound) >= self.config.max_concurrent:
+                raise MigrationAborted(MigrationState.ABORTED_DST,
+                                       f"{len(self.inbound)} incoming migrations already (max_concurrent)")
+            inbound = self.inbound[migration_id] = Inbound(migration_id, request_id, src)
+        try:
+            ids = await self.port.reserve_blocks(n)
+        except Exception as e:
+            if not inbound.block_ids:
+                del self.inbound[migration_id]
+            raise MigrationAborted(MigrationState.ABORTED_DST, f"cannot reserve {n} blocks: {e}") from None
+        inbound.block_ids += ids
+        inbound.last_heard = self.clock()
+        return ids
+
+    async def receive(self, migration_id: str, block_ids: list[int], payload: Any) -> None:
+        inbound = self._get(migration_id)
+        if not set(block_ids) <= set(inbound.block_ids):
+            raise MigrationAborted(MigrationState.ABORTED_DST, "blocks sent to ids that were not reserved for it")
+        await self.port.import_blocks(block_ids, self.receive_payload(payload))
+        inbound.last_heard = self.clock()
+
+    async def commit(self, migration_id: str, state: Any, sink: Any, next_seq: int) -> None:
+        if migration_id in self.committed:
+            return                                  # a retried commit: already done
+        inbound = self.inbound.get(migration_id)
+        block_ids = inbound.block_ids if inbound else []
+        if inbound is None and state.num_computed_tokens > 0:
+            raise MigrationAborted(MigrationState.ABORTED_DST, f"unknown migration {migration_id}")
+        await self.port.admit(state, block_ids, sink, next_seq)
+        self.inbound.pop(migration_id, None)
+        self.committed[migration_id] = (state.request_id, self.clock())
+        log.info("migration %s committed: %s admitted with %d blocks", migration_id, state.request_id,
+                 len(block_ids))
+
+    async def abort(self, migration_id: str) -> None:
+        """Undo whatever this migration left here: free a reservation, or stop a request it committed."""
+        inbound = self.inbound.pop(migration_id, None)
+        if inbound is not None and inbound.block_ids:
+            await self.port.release_blocks(inbound.block_ids)
+            log.info("migration %s aborted: released %d reserved blocks", migration_id, len(inbound.block_ids))
+        committed = self.committed.pop(migration_id, None)
+        if committed is not None:
+            await self.port.abort_request(committed[0])
+            log.warning("migration %s aborted after its commit: stopped %s here", migration_id, committed[0])
+
+    async def reap(self) -> list[str]:
+        """Free reservations whose source has been silent for longer than dst_idle_timeout_s."""
+        now = self.clock()
+        stale = [m for m, i in self.inbound.items() if now - i.last_heard > self.config.dst_idle_timeout_s]
+        for mid in stale:
+            inbound = self.inbound.pop(mid)
+            if inbound.block_ids:
+                await self.port.release_blocks(inbound.block_ids)
+            log.warning("migration %s: source %s silent for %.1f s; released %d reserved blocks", mid, inbound.src,
+                        now - inbound.last_heard, len(inbound.block_ids))
+        for mid in [m for m, (_, t) in self.committed.items() if now - t > _COMMITTED_MEMORY_S]:
+            del self.committed[mid]
+        return stale
+
+    def _get(self, migration_id: str) -> Inbound:
+        inbound = self.inbound.get(migration_id)
+        if inbound is None:
+            raise MigrationAborted(MigrationState.ABORTED_DST, f"unknown or expired migration {migration_id}")
+        return inbound

@@ -1,0 +1,131 @@
+"""Live migration of one running request: states, settings, the record both sides keep, and the two ports.
+
+Multi-stage pre-copy (Llumnix). The source copies the request's full KV blocks to the destination while the
+request keeps decoding, stage after stage, each stage copying what was computed since the last one. When
+what is left is small (≤ `last_stage_max_blocks`) or the stage limit is reached, the source takes the
+request out of its batch between two steps, copies the rest with the request's state, and the destination
+commits and resumes it. The source frees its blocks only after the commit. Any failure before the commit
+aborts the migration: the destination releases its reservation, the request goes on running on the source.
+
+    PENDING ─▶ COPYING(stage k) ─▶ LAST_STAGE ─▶ COMMITTED
+        └──────────┴──────────────────┴────────▶ ABORTED_SRC | ABORTED_DST | ENDED (request finished)
+
+This module only moves what it is told to move. Which request, from where to where, is policy
+(orchestrator/policies/migration.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MigrationState(str, enum.Enum):
+    PENDING = "pending"
+    COPYING = "copying"
+    LAST_STAGE = "last_stage"
+    COMMITTED = "committed"
+    ABORTED_SRC = "aborted_src"     # the source gave up (request preempted, source-side error, timeout)
+    ABORTED_DST = "aborted_dst"     # the destination refused or failed (out of blocks, dead, timeout)
+    ENDED = "ended"                 # the request finished or was aborted during its migration
+
+    @property
+    def done(self) -> bool:
+        return self in (MigrationState.COMMITTED, MigrationState.ABORTED_SRC, MigrationState.ABORTED_DST,
+                        MigrationState.ENDED)
+
+
+class MigrationConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    last_stage_max_blocks: int = Field(4, ge=0, description="go to the last stage once at most this many remain")
+    max_stages: int = Field(8, ge=1, description="pre-copy stages before the last stage is forced")
+    call_timeout_s: float = Field(10.0, gt=0, description="deadline of every call between the two halves")
+    dst_idle_timeout_s: float = Field(15.0, gt=0,
+                                      description="the destination frees a reservation the source left silent")
+    max_concurrent: int = Field(4, ge=1, description="migrations in flight per instance, in and out each")
+    stage_pause_s: float = Field(0.0, ge=0, description="pause between pre-copy stages, to cap interference")
+    transport: str = Field("ray", description="how KV blocks travel: ray (object store)")
+
+
+class MigrationAborted(Exception):
+    """The migration did not commit; the request is still where it was (or has ended)."""
+
+    def __init__(self, state: MigrationState, reason: str):
+        super().__init__(f"{state.value}: {reason}")
+        self.state = state
+        self.reason = reason
+
+    def __reduce__(self):    # crosses process boundaries inside Ray errors
+        return MigrationAborted, (self.state, self.reason)
+
+
+@dataclass
+class MigrationRecord:
+    """What one side knows about one migration; the report the scheduler and `tidal status` show."""
+
+    migration_id: str
+    request_id: str
+    src: str
+    dst: str
+    state: MigrationState = MigrationState.PENDING
+    stage: int = 0
+    blocks_copied: int = 0
+    reason: str = ""
+    started_at: float = 0.0          # time.time()
+    ended_at: float = 0.0
+    downtime_ms: float = 0.0         # request out of the source's batch until the destination committed it
+    tokens_at_start: int = 0
+    stage_blocks: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["state"] = self.state.value
+        return d
+
+
+@dataclass(frozen=True)
+class RequestSnapshot:
+    """Where a request stands on its source, read between two steps."""
+
+    num_computed_tokens: int
+    block_ids: tuple[int, ...]
+    num_preemptions: int
+    suspended: bool
+
+
+class SourcePort(Protocol):
+    """What the source half needs from its instance (the InstanceActor implements it, between steps)."""
+
+    block_size: int
+
+    async def snapshot(self, request_id: str) -> RequestSnapshot | None: ...
+
+    async def export(self, block_ids: list[int]) -> Any: ...
+
+    async def suspend(self, request_id: str) -> tuple[Any, Any, int, Any] | None:
+        """Take the request out of the batch: (RequestState, sink, next seq, KV of its blocks past `copied`)."""
+
+    async def resume(self, request_id: str) -> None: ...
+
+    async def release(self, request_id: str) -> bool:
+        """The request lives elsewhere now: free its blocks. False if it was aborted meanwhile."""
+
+
+class DestinationPeer(Protocol):
+    """The destination half as the source sees it (calls on the destination instance, with deadlines)."""
+
+    instance_id: str
+
+    async def reserve(self, migration_id: str, request_id: str, src: str, n: int) -> list[int]: ...
+
+    async def receive(self, migration_id: str, block_ids: list[int], payload: Any) -> None: ...
+
+    async def commit(self, migration_id: str, state: Any, sink: Any, next_seq: int) -> None: ...
+
+    async def abort(self, migration_id: str) -> None: ...
+
+    async def abort_request(self, request_id: str) -> None: ...

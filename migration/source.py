@@ -1,0 +1,113 @@
+"""The source half of a live migration: pre-copy stages, then the last stage and the hand-over."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+
+from migration.protocol import (DestinationPeer, MigrationAborted, MigrationConfig, MigrationRecord,
+                                MigrationState, RequestSnapshot, SourcePort)
+from migration.transport import KVTransport
+
+log = logging.getLogger(__name__)
+
+
+def _blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+def _check(snap: RequestSnapshot | None, preemptions: int) -> RequestSnapshot:
+    if snap is None:
+        raise MigrationAborted(MigrationState.ENDED, "the request finished or was aborted")
+    if snap.suspended:
+        raise MigrationAborted(MigrationState.ABORTED_SRC, "the request is already being migrated")
+    if snap.num_preemptions != preemptions:
+        raise MigrationAborted(MigrationState.ABORTED_SRC, "the request was preempted on the source")
+    return snap
+
+
+async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTransport, record: MigrationRecord,
+                      config: MigrationConfig) -> MigrationRecord:
+    """Move record.request_id to `peer`. Returns the record in a final state; never raises for a failed
+    migration (the request then keeps running on the source, or has ended)."""
+    rid, mid, bs = record.request_id, record.migration_id, port.block_size
+    record.started_at = time.time()
+    suspended = False
+    try:
+        snap = await port.snapshot(rid)
+        if snap is None:
+            raise MigrationAborted(MigrationState.ENDED, "no such request on the source")
+        snap = _check(snap, snap.num_preemptions)
+        preemptions = snap.num_preemptions
+        record.tokens_at_start = snap.num_computed_tokens
+        copied = 0
+        record.state = MigrationState.COPYING
+        while True:
+            full = snap.num_computed_tokens // bs          # full blocks no longer change
+            delta = full - copied
+            if delta <= config.last_stage_max_blocks or record.stage >= config.max_stages:
+                break
+            dst_ids = await peer.reserve(mid, rid, record.src, delta)
+            blocks = await port.export(list(snap.block_ids[copied:full]))
+            await transport.send(peer, mid, dst_ids, blocks)
+            snap = _check(await port.snapshot(rid), preemptions)   # still here, and those blocks still its own
+            copied = full
+            record.stage += 1
+            record.blocks_copied = copied
+            record.stage_blocks.append(delta)
+            if config.stage_pause_s:
+                await asyncio.sleep(config.stage_pause_s)
+                snap = _check(await port.snapshot(rid), preemptions)
+
+        record.state = MigrationState.LAST_STAGE
+        taken = await port.suspend(rid, copied, preemptions)
+        if taken is None:
+            raise MigrationAborted(MigrationState.ENDED, "the request finished or was aborted")
+        state, sink, next_seq, rest = taken
+        suspended = True
+        out_at = time.perf_counter()
+        if rest is not None:
+            dst_ids = await peer.reserve(mid, rid, record.src, rest.shape[2])
+            await transport.send(peer, mid, dst_ids, rest)
+            record.blocks_copied = copied + rest.shape[2]
+        record.stage_blocks.append(0 if rest is None else rest.shape[2])
+        try:
+            await peer.commit(mid, state, sink, next_seq)
+        except Exception:
+            # the commit may have landed even though we saw an error: make sure only one copy runs
+            await _quietly(peer.abort(mid))
+            raise
+        record.downtime_ms = 1000 * (time.perf_counter() - out_at)
+        suspended = False
+        record.state = MigrationState.COMMITTED
+        if not await port.release(rid):
+            # the client aborted while the request was in flight: the abort follows it to the destination
+            await _quietly(peer.abort_request(rid))
+            record.reason = "aborted by the client during the hand-over"
+    except MigrationAborted as e:
+        record.state, record.reason = e.state, e.reason
+    except (asyncio.TimeoutError, ray.exceptions.RayActorError) as e:
+        record.state, record.reason = MigrationState.ABORTED_DST, f"destination unreachable: {type(e).__name__}"
+    except Exception as e:  # noqa: BLE001 - whatever broke, the request must go back to running
+        log.exception("migration %s of %s failed", mid, rid)
+        record.state, record.reason = MigrationState.ABORTED_SRC, f"{type(e).__name__}: {e}"
+    finally:
+        if record.state is not MigrationState.COMMITTED:
+            if suspended:
+                await port.resume(rid)
+            await _quietly(peer.abort(mid))
+        record.ended_at = time.time()
+    log.info("migration %s: %s %s -> %s %s after %d stages, %d blocks, downtime %.1f ms%s", mid, rid, record.src,
+             record.dst, record.state.value, record.stage, record.blocks_copied, record.downtime_ms,
+             f" ({record.reason})" if record.reason else "")
+    return record
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception as e:  # noqa: BLE001 - best effort clean-up on a peer that may be gone
+        log.debug("best-effort migration clean-up failed: %r", e)

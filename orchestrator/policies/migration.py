@@ -1,0 +1,199 @@
+"""Migration: which running request to move, from which instance to which (Llumnix-style rebalancing), and
+where every request of a draining instance goes.
+
+An instance gives work away when its freeness (`dispatch.freeness`) is below `source_freeness` or it has
+waiting or preempted requests; an accepting instance with an empty queue and freeness above `target_freeness`
+takes it. A round pairs the most loaded sources with the freest destinations, at most `max_moves` times, and
+after each pick updates its own view of both instances, so one round neither floods a destination nor keeps
+draining a source that is no longer loaded.
+
+Pure: the clock comes in as `now` and `last_move_at`; the caller records `last_move_at` for the moves it
+carries out. The caller also leaves out of `InstanceState.requests` any request already being migrated (it
+still runs on the source while its blocks are pre-copied). All instances are assumed to share one block size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from instance.backend import LoadSnapshot, RequestInfo
+from orchestrator.policies.dispatch import Candidate, freeness
+
+MOVE_CHOICES = ("shortest", "longest", "lowest-priority", "newest")
+
+
+@dataclass(frozen=True)
+class MigrationPolicyConfig:
+    source_freeness: float = 8.0       # below this freeness an instance gives work away ...
+    target_freeness: float = 24.0      # ... above this (and with an empty queue) it takes work
+    choose: str = "shortest"           # which request moves; one of MOVE_CHOICES
+    min_remaining_tokens: int = 16     # a request this close to max_tokens finishes where it is
+    max_moves: int = 2                 # moves per round
+    cooldown_s: float = 1.0            # an instance takes part in no move for this long after its last one
+    headroom_blocks: int = 4           # free blocks a destination keeps after taking a request
+
+    def __post_init__(self) -> None:
+        if self.choose not in MOVE_CHOICES:
+            raise ValueError(f"migrate_choose: unknown choice {self.choose!r}; "
+                             f"choose one of {', '.join(MOVE_CHOICES)}")
+        if self.source_freeness >= self.target_freeness:
+            raise ValueError(f"source_freeness ({self.source_freeness:g}) must be below target_freeness "
+                             f"({self.target_freeness:g}), or an instance could give and take work at once")
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    instance_id: str
+    load: LoadSnapshot
+    requests: tuple[RequestInfo, ...]  # in arrival order, as `list_requests` gives them
+    accepting: bool = True             # False while draining, dead or starting: never a destination
+    migrations_out: int = 0            # in flight from here
+    migrations_in: int = 0             # in flight to here
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    request_id: str
+    src: str
+    dst: str
+    reason: str
+
+
+def blocks_of(request: RequestInfo, block_size: int) -> int:
+    return math.ceil(request.num_tokens / block_size)
+
+
+def _free(inst: InstanceState) -> float:
+    return freeness(Candidate(inst.instance_id, inst.load))
+
+
+def _room(inst: InstanceState) -> int:
+    """Free blocks not already promised to the waiting queue."""
+    return inst.load.free_blocks - inst.load.waiting_demand_blocks
+
+
+def choose_request(requests, cfg: MigrationPolicyConfig, block_size: int) -> RequestInfo | None:
+    """The running request to move, or None. Only requests with computed KV and at least
+    `min_remaining_tokens` left to generate qualify. Orders by tokens, which orders blocks (`block_size`) the
+    same way; "newest" is the last to arrive (LCR in Llumnix); ties go to the smallest request id."""
+    movable = [r for r in requests if r.status == "running" and r.num_computed_tokens > 0
+               and r.max_tokens - r.num_output_tokens >= cfg.min_remaining_tokens]
+    if not movable:
+        return None
+    if cfg.choose == "newest":
+        return movable[-1]
+    keys = {"shortest": lambda r: (r.num_tokens, r.request_id),
+            "longest": lambda r: (-r.num_tokens, r.request_id),
+            "lowest-priority": lambda r: (r.priority, r.num_tokens, r.request_id)}
+    return min(movable, key=keys[cfg.choose])
+
+
+def is_source(inst: InstanceState, cfg: MigrationPolicyConfig) -> bool:
+    loaded = _free(inst) < cfg.source_freeness or inst.load.num_waiting > 0 or inst.load.num_preempted > 0
+    return loaded and choose_request(inst.requests, cfg, inst.load.block_size) is not None
+
+
+def pick_destination(candidates: list[InstanceState], exclude: set[str], blocks_needed: int,
+                     cfg: MigrationPolicyConfig) -> InstanceState | None:
+    fits = [c for c in candidates if c.accepting and c.instance_id not in exclude and c.load.num_waiting == 0
+            and _free(c) > cfg.target_freeness and _room(c) - blocks_needed >= cfg.headroom_blocks]
+    return min(fits, key=lambda c: (-_free(c), c.instance_id), default=None)
+
+
+def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, now: float,
+                    last_move_at: dict[str, float]) -> list[PlannedMove]:
+    """Up to `max_moves` moves from the most loaded instances to the freest; [] when balanced. Instances in
+    cooldown or with a migration in flight (their snapshot does not show its effect yet) sit the round out."""
+    view = {i.instance_id: i for i in instances
+            if now - last_move_at.get(i.instance_id, -math.inf) >= cfg.cooldown_s
+            and i.migrations_in == 0 and i.migrations_out == 0}
+    gave: set[str] = set()
+    took: set[str] = set()
+    moves: list[PlannedMove] = []
+    while len(moves) < cfg.max_moves:
+        sources = sorted((i for i in view.values() if i.instance_id not in took and is_source(i, cfg)),
+                         key=lambda i: (_free(i), i.instance_id))
+        for src in sources:
+            req = choose_request(src.requests, cfg, src.load.block_size)
+            dst = pick_destination(list(view.values()), gave | {src.instance_id},
+                                   blocks_of(req, src.load.block_size), cfg)
+            if dst is not None:
+                break
+        else:
+            return moves
+        moves.append(PlannedMove(req.request_id, src.instance_id, dst.instance_id,
+                                 f"{_why_source(src, cfg)} -> {dst.instance_id} freeness {_free(dst):.1f}; "
+                                 f"{_why_request(req, cfg.choose)}"))
+        gave.add(src.instance_id)
+        took.add(dst.instance_id)
+        view[src.instance_id], view[dst.instance_id] = _give(src, req), _take(dst, req)
+    return moves
+
+
+def plan_drain(draining: InstanceState, others: list[InstanceState], cfg: MigrationPolicyConfig
+               ) -> tuple[list[PlannedMove], list[tuple[str, str]]]:
+    """A destination for every running and waiting request of `draining` (suspended ones are already on
+    their way): the freest accepting instance with room, seeing what earlier picks took. Cooldown and
+    `min_remaining_tokens` do not apply. Returns (moves, [(request_id, why it cannot move)])."""
+    view = {o.instance_id: o for o in others if o.accepting and o.instance_id != draining.instance_id}
+    todo = sorted((r for r in draining.requests if r.status in ("running", "waiting")),
+                  key=lambda r: (r.status != "running", -r.num_tokens, r.request_id))
+    moves: list[PlannedMove] = []
+    stuck: list[tuple[str, str]] = []
+    for req in todo:
+        need = blocks_of(req, draining.load.block_size)
+        fits = [o for o in view.values() if _room(o) - need >= cfg.headroom_blocks]
+        if not fits:
+            stuck.append((req.request_id, _why_stuck(view, need, cfg)))
+            continue
+        dst = min(fits, key=lambda o: (-_free(o), o.instance_id))
+        moves.append(PlannedMove(req.request_id, draining.instance_id, dst.instance_id,
+                                 f"drain {draining.instance_id} -> {dst.instance_id} freeness {_free(dst):.1f}; "
+                                 f"{req.status} request ({req.num_tokens} tokens, {need} blocks)"))
+        view[dst.instance_id] = _take(dst, req)
+    return moves, stuck
+
+
+def _why_source(inst: InstanceState, cfg: MigrationPolicyConfig) -> str:
+    queue = ", ".join(f"{n} {what}" for n, what in ((inst.load.num_waiting, "waiting"),
+                                                    (inst.load.num_preempted, "preempted")) if n)
+    if _free(inst) < cfg.source_freeness:
+        return (f"{inst.instance_id} freeness {_free(inst):.1f} < {cfg.source_freeness:g}"
+                + (f" ({queue})" if queue else ""))
+    return f"{inst.instance_id} has {queue} (freeness {_free(inst):.1f})"
+
+
+def _why_request(req: RequestInfo, choose: str) -> str:
+    if choose == "lowest-priority":
+        return f"lowest-priority request (priority {req.priority}, {req.num_tokens} tokens)"
+    return f"{choose} request ({req.num_tokens} tokens)"
+
+
+def _why_stuck(view: dict[str, InstanceState], need: int, cfg: MigrationPolicyConfig) -> str:
+    if not view:
+        return "no accepting instance to take it"
+    best = min(view.values(), key=lambda o: (-_room(o), o.instance_id))
+    return (f"no instance has room for {need} blocks + {cfg.headroom_blocks} headroom "
+            f"(most: {best.instance_id} with {_room(best)} free)")
+
+
+def _give(inst: InstanceState, req: RequestInfo) -> InstanceState:
+    """`inst` as it will be once `req` has left."""
+    n, ld = blocks_of(req, inst.load.block_size), inst.load
+    if req.status == "waiting":
+        ld = replace(ld, num_waiting=ld.num_waiting - 1, waiting_demand_blocks=max(0, ld.waiting_demand_blocks - n),
+                     num_preempted=ld.num_preempted - (req.num_preemptions > 0))
+    else:
+        ld = replace(ld, num_running=ld.num_running - 1, free_blocks=ld.free_blocks + n, used_blocks=ld.used_blocks - n)
+    return replace(inst, load=ld, requests=tuple(r for r in inst.requests if r.request_id != req.request_id))
+
+
+def _take(inst: InstanceState, req: RequestInfo) -> InstanceState:
+    """`inst` as it will be once `req` has arrived (a waiting request joins its queue)."""
+    n, ld = blocks_of(req, inst.load.block_size), inst.load
+    if req.status == "waiting":
+        ld = replace(ld, num_waiting=ld.num_waiting + 1, waiting_demand_blocks=ld.waiting_demand_blocks + n)
+    else:
+        ld = replace(ld, num_running=ld.num_running + 1, free_blocks=ld.free_blocks - n, used_blocks=ld.used_blocks + n)
+    return replace(inst, load=ld, requests=inst.requests + (req,))

@@ -1,0 +1,162 @@
+from collections import Counter
+
+import pytest
+
+from instance.backend import LoadSnapshot, RequestInfo
+from orchestrator.policies.migration import (InstanceState, MigrationPolicyConfig, choose_request, plan_drain,
+                                             plan_migrations)
+
+BS = 16
+
+
+def req(rid, tokens=32, status="running", out=8, max_tokens=256, computed=None, priority=0, preemptions=0):
+    if computed is None:
+        computed = 0 if status == "waiting" else tokens - 1
+    return RequestInfo(request_id=rid, status=status, num_tokens=tokens, num_prompt_tokens=tokens - out,
+                       num_output_tokens=out, max_tokens=max_tokens, num_computed_tokens=computed,
+                       priority=priority, num_preemptions=preemptions)
+
+
+def inst(iid, free, *reqs, total=100, accepting=True, out=0, in_=0):
+    """An instance whose load agrees with its requests: counts and waiting demand come from `reqs`."""
+    waiting = [r for r in reqs if r.status == "waiting"]
+    load = LoadSnapshot(total_blocks=total, free_blocks=free, used_blocks=total - free, reserved_blocks=0,
+                        block_size=BS, num_running=sum(r.status == "running" for r in reqs),
+                        num_waiting=len(waiting), num_preempted=sum(r.num_preemptions > 0 for r in waiting),
+                        num_suspended=sum(r.status == "suspended" for r in reqs),
+                        head_demand_blocks=-(-waiting[0].num_tokens // BS) if waiting else 0,
+                        waiting_demand_blocks=sum(-(-r.num_tokens // BS) for r in waiting),
+                        running_tokens=0, step_time_ms=0.0, tokens_per_s=0.0, num_preemptions_total=0)
+    return InstanceState(iid, load, tuple(reqs), accepting=accepting, migrations_out=out, migrations_in=in_)
+
+
+def plan(instances, cfg=MigrationPolicyConfig(), now=100.0, last=None):
+    return [(m.request_id, m.src, m.dst) for m in plan_migrations(instances, cfg, now, last or {})]
+
+
+def overloaded(iid="instance-0"):
+    # freeness 10 / 4 = 2.5
+    return inst(iid, 10, req("r100", 100), req("r37", 37), req("r80", 80), req("r60", 60))
+
+
+def test_balanced_cluster_moves_nothing():
+    a = inst("a", 50, req("a1"), req("a2"))
+    b = inst("b", 60, req("b1"), req("b2"))
+    assert plan([a, b]) == []
+
+
+def test_overloaded_gives_its_shortest_requests_to_the_idle_one_until_it_is_no_longer_a_source():
+    moves = plan_migrations([overloaded(), inst("instance-1", 100)], MigrationPolicyConfig(max_moves=5), 0.0, {})
+    # after two moves instance-0 has 17 free blocks for 2 requests (8.5 >= 8) and stops giving
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [("r37", "instance-0", "instance-1"),
+                                                             ("r60", "instance-0", "instance-1")]
+    assert moves[0].reason == "instance-0 freeness 2.5 < 8 -> instance-1 freeness 100.0; shortest request (37 tokens)"
+
+
+def test_waiting_or_preempted_requests_make_an_instance_a_source_even_with_decent_freeness():
+    a = inst("a", 60, req("a1"), req("a2", 48), req("w", 32, status="waiting"))   # freeness (60 - 2) / 3 = 19.3
+    moves = plan_migrations([a, inst("b", 100)], MigrationPolicyConfig(max_moves=1), 0.0, {})
+    assert [(m.request_id, m.dst) for m in moves] == [("a1", "b")]
+    assert moves[0].reason.startswith("a has 1 waiting (freeness 19.3) -> b")
+    p = inst("p", 60, req("p1"), req("w", 32, status="waiting", preemptions=1))
+    assert "1 waiting, 1 preempted" in plan_migrations([p, inst("b", 100)], MigrationPolicyConfig(), 0.0, {})[0].reason
+
+
+def test_an_instance_with_waiting_requests_is_not_a_destination():
+    busy_but_free = inst("b", 90, req("w", status="waiting"))
+    assert plan([overloaded("a"), busy_but_free]) == []
+
+
+def test_requests_about_to_finish_or_not_yet_computed_stay():
+    ending = req("ending", 20, out=250, max_tokens=256)          # 6 tokens left < 16
+    fresh = req("fresh", 30, computed=0)                         # running but its prefill has not run
+    a = inst("a", 2, ending, fresh)
+    assert plan([a, inst("b", 100)]) == []
+    a = inst("a", 2, ending, fresh, req("long", 200))
+    assert plan([a, inst("b", 100)], MigrationPolicyConfig(max_moves=1)) == [("long", "a", "b")]
+
+
+@pytest.mark.parametrize("choose, expected", [("shortest", "b"), ("longest", "c"), ("lowest-priority", "d"),
+                                              ("newest", "a")])
+def test_each_choice_picks_what_it_says(choose, expected):
+    # arrival order b, c, d, a
+    reqs = (req("b", 20, priority=1), req("c", 90, priority=0), req("d", 70, priority=0), req("a", 50, priority=1))
+    assert choose_request(reqs, MigrationPolicyConfig(choose=choose), BS).request_id == expected
+    assert plan([inst("src", 2, *reqs), inst("dst", 100)], MigrationPolicyConfig(choose=choose, max_moves=1)) \
+        == [(expected, "src", "dst")]
+
+
+def test_ties_go_to_the_smallest_request_id():
+    reqs = (req("y", 40), req("x", 40), req("z", 40))
+    assert choose_request(reqs, MigrationPolicyConfig(), BS).request_id == "x"
+    assert choose_request(reqs, MigrationPolicyConfig(choose="longest"), BS).request_id == "x"
+
+
+def test_cooldown_rate_limits_both_source_and_destination():
+    cluster = [overloaded("a"), inst("b", 100)]
+    cfg = MigrationPolicyConfig(max_moves=1, cooldown_s=1.0)
+    assert plan(cluster, cfg, now=10.5, last={"a": 10.0}) == []
+    assert plan(cluster, cfg, now=10.5, last={"b": 10.0}) == []
+    assert plan(cluster, cfg, now=11.0, last={"a": 10.0, "b": 10.0}) == [("r37", "a", "b")]
+
+
+def test_a_non_accepting_instance_is_never_a_destination():
+    closed = inst("b", 100, accepting=False)
+    assert plan([overloaded("a"), closed]) == []
+    open_ = inst("c", 60, req("c1"))    # freeness 60, less free than b but accepting
+    assert {dst for _, _, dst in plan([overloaded("a"), closed, open_])} == {"c"}
+
+
+def test_instances_with_a_migration_in_flight_sit_the_round_out():
+    assert plan([inst("a", 10, *overloaded().requests, out=1), inst("b", 100)]) == []
+    assert plan([overloaded("a"), inst("b", 100, in_=1)]) == []
+
+
+def test_max_moves_and_a_second_move_goes_elsewhere_once_the_first_destination_is_no_longer_free():
+    a = inst("a", 0, *(req(f"r{i}") for i in range(6)))          # 2 blocks each, freeness 0
+    b = inst("b", 50, req("b1"))                                 # freeness 50; after one more: 48 / 2 = 24
+    c = inst("c", 40, req("c1"))                                 # freeness 40
+    assert plan([a, b, c], MigrationPolicyConfig(max_moves=1)) == [("r0", "a", "b")]
+    moves = plan([a, b, c], MigrationPolicyConfig(max_moves=2))
+    assert moves == [("r0", "a", "b"), ("r1", "a", "c")]
+    assert plan([c, b, a], MigrationPolicyConfig(max_moves=2)) == moves     # input order does not matter
+    # c drops to 38 / 2 = 19 after one: neither takes a third, however many moves a round allows
+    assert plan([a, b, c], MigrationPolicyConfig(max_moves=5)) == moves
+
+
+def test_a_destination_keeps_its_headroom():
+    a = inst("a", 0, req("big", 400))                            # 25 blocks
+    b = inst("b", 28, total=28)                                  # freeness 28 but 28 - 25 < 4
+    assert plan([a, b]) == []
+    assert plan([a, b], MigrationPolicyConfig(headroom_blocks=3)) == [("big", "a", "b")]
+
+
+def draining():
+    running = [req(f"r{i}", 32) for i in range(7)] + [req("ending", 32, out=250, max_tokens=256)]
+    waiting = [req(f"w{i}", 48, status="waiting") for i in range(4)]
+    return inst("d", 0, *running, *waiting, req("s", 32, status="suspended"), accepting=False)
+
+
+def test_drain_spreads_running_and_waiting_requests_over_the_destinations():
+    others = [inst("x", 40), inst("y", 40), inst("z", 100, accepting=False)]
+    moves, stuck = plan_drain(draining(), others, MigrationPolicyConfig())
+    assert stuck == []
+    assert sorted(m.request_id for m in moves) == sorted([f"r{i}" for i in range(7)] + ["ending"]
+                                                        + [f"w{i}" for i in range(4)])   # not the suspended one
+    assert Counter(m.dst for m in moves) == {"x": 6, "y": 6}
+    assert all(m.src == "d" and m.reason.startswith("drain d -> ") for m in moves)
+
+
+def test_drain_reports_what_cannot_move_and_why():
+    moves, stuck = plan_drain(draining(), [inst("x", 10)], MigrationPolicyConfig())
+    assert len(moves) == 3                                       # 2 blocks each: 10 -> 8 -> 6 -> 4 (headroom)
+    assert len(stuck) == 9 and all("no instance has room" in why for _, why in stuck)
+    _, stuck = plan_drain(draining(), [inst("x", 100, accepting=False)], MigrationPolicyConfig())
+    assert len(stuck) == 12 and {why for _, why in stuck} == {"no accepting instance to take it"}
+
+
+def test_bad_config_gets_a_sentence_naming_the_choices():
+    with pytest.raises(ValueError, match="shortest, longest, lowest-priority, newest"):
+        MigrationPolicyConfig(choose="random")
+    with pytest.raises(ValueError, match="source_freeness"):
+        MigrationPolicyConfig(source_freeness=30.0)
