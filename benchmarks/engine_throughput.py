@@ -19,7 +19,8 @@ Measured, after warming both up, under torch.inference_mode:
     static-batching server; the padding waste is printed;
 (c) the decode step time at batch 1, 8 and 32: ours = one `engine.step()` while exactly B requests are
     decoding (prompts of `--context` (128) tokens already prefilled); transformers = one forward of B new
-    tokens with `past_key_values` over the same context. Median of `--steps` (8) steps after 2 warm-up steps.
+    tokens with `past_key_values` over the same context. The two sides' steps alternate one for one (so both
+    see the same background load); median of `--steps` (8) steps each, after 2 warm-up steps.
 
 Throughput is useful output tokens / wall time. The machine this runs on is shared and noisy: (a) and (b) run
 `--repeats` (2) times each, alternating which goes first, and each side's fastest run counts (other load
@@ -191,21 +192,18 @@ def profile_engine_decode(engine: Engine, batch: int = 32, context: int = 128, s
                           top: int = 8) -> str:
     """Where a decode step of `batch` requests spends its time: cProfile (Python functions, by own time) and
     torch.profiler (operators, by self CPU time)."""
-    ids = _start_decoding(engine, batch, context, f"prof{batch}")
-    engine.step()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(steps):
-        engine.step()
-    profiler.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("tottime").print_stats(top)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with engine_decoder(engine, batch, context) as step:
+        step()
+        profiler = cProfile.Profile()
+        profiler.enable()
         for _ in range(steps):
-            engine.step()
-    for rid in ids:
-        engine.abort(rid)
+            step()
+        profiler.disable()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
     body = text.getvalue()
     body = body[body.find("   ncalls"):] if "   ncalls" in body else body
@@ -256,14 +254,12 @@ def hf_static_throughput(model, prompts: list[list[int]], output_lens: list[int]
 
 
 @contextmanager
-def hf_decoder(model, batch: int, context: int = 128, tokenizer=None) -> Iterator[Callable[[], float]]:
+def hf_decoder(model, tokenizer, batch: int, context: int = 128) -> Iterator[Callable[[], float]]:
     """A function that runs one forward of `batch` single new tokens with `past_key_values` (the cache
-    grows by one each call, as ours does) and returns its seconds; the prompts are prefilled on entry."""
+    grows by one each call, as ours does) and returns its seconds; the prompts (the same as ours) are
+    prefilled on entry."""
     device = str(model.device)
-    if tokenizer is not None:
-        prompts = [synthetic_prompt(tokenizer, context, seed=1000 + i) for i in range(batch)]
-    else:
-        prompts = [[(7 * i + j) % 1000 + 100 for j in range(context)] for i in range(batch)]
+    prompts = [synthetic_prompt(tokenizer, context, seed=1000 + i) for i in range(batch)]
     with torch.inference_mode():
         out = model(input_ids=torch.tensor(prompts, device=device), use_cache=True)
     state = {"cache": out.past_key_values, "token": out.logits[:, -1].argmax(-1, keepdim=True)}
@@ -291,9 +287,9 @@ def engine_decode_step_ms(engine: Engine, batch: int, context: int = 128, steps:
         return median_step_ms(step, steps)
 
 
-def hf_decode_step_ms(model, batch: int, context: int = 128, steps: int = 8, tokenizer=None) -> float:
+def hf_decode_step_ms(model, tokenizer, batch: int, context: int = 128, steps: int = 8) -> float:
     """Median wall time of one transformers forward of `batch` new tokens over ~`context` cached tokens."""
-    with hf_decoder(model, batch, context, tokenizer) as step:
+    with hf_decoder(model, tokenizer, batch, context) as step:
         return median_step_ms(step, steps)
 
 
@@ -301,7 +297,7 @@ def compare_decode_steps(engine: Engine, model, batch: int, context: int = 128, 
                          warmup: int = 2) -> tuple[float, float]:
     """(ours ms, transformers ms): median step times, the two sides' steps interleaved one for one so that
     both see the same load from whatever else runs on the machine."""
-    with engine_decoder(engine, batch, context) as ours, hf_decoder(model, batch, context, engine.tokenizer) as hf:
+    with engine_decoder(engine, batch, context) as ours, hf_decoder(model, engine.tokenizer, batch, context) as hf:
         for _ in range(warmup):
             ours()
             hf()
@@ -343,14 +339,11 @@ def compare_throughput(engine: Engine, model, work: Workload, hf_batch: int = 8,
     """
     ours_runs, hf_runs = [], []
     for i in range(repeats):
-        def run_ours():
-            ours_runs.append(engine_throughput(engine, work.prompts, work.output_lens, tag=f"tp{i}"))
-
-        def run_hf():
-            hf_runs.append(hf_static_throughput(model, work.prompts, work.output_lens, hf_batch))
-
-        for run in ((run_ours, run_hf) if i % 2 == 0 else (run_hf, run_ours)):
-            run()
+        for side in ("ours", "hf") if i % 2 == 0 else ("hf", "ours"):
+            if side == "ours":
+                ours_runs.append(engine_throughput(engine, work.prompts, work.output_lens, tag=f"tp{i}"))
+            else:
+                hf_runs.append(hf_static_throughput(model, work.prompts, work.output_lens, hf_batch))
     ours, ours_tokens = min(ours_runs, key=lambda r: r[0].wall_s)
     hf, hf_tokens = min(hf_runs, key=lambda r: r[0].wall_s)
     return Comparison(ours, hf, [r[0].wall_s for r in ours_runs], [r[0].wall_s for r in hf_runs],
@@ -380,7 +373,6 @@ def main(argv: list[str] | None = None) -> float:
         torch.set_num_threads(args.threads)
 
     begin = time.perf_counter()
-    torch.manual_seed(0)
     engine = load_engine(args.device, max_num_batched_tokens=args.max_num_batched_tokens)
     model = load_hf_reference(args.device, engine.config.torch_dtype())
     work = trace_workload(engine.tokenizer, args.requests, args.seed)
@@ -409,10 +401,11 @@ def main(argv: list[str] | None = None) -> float:
     print(f"greedy agreement with transformers: {same}/{len(cmp.ours_tokens)} requests identical, "
           f"{prefix:.0%} of tokens before the first difference on average")
     print()
-    print(f"{f'decode step (ctx {args.context}, median of {args.steps})':<30}{'ours ms':>10}{'hf ms':>10}{'hf/ours':>9}"
-          f"{'ours tok/s':>12}{'hf tok/s':>10}")
+    title = f"decode step (ctx {args.context}, median of {args.steps})"
+    print(f"{title:<36}{'ours ms':>10}{'hf ms':>10}{'hf/ours':>9}{'ours tok/s':>12}{'hf tok/s':>10}")
     for b, (o, h) in decode.items():
-        print(f"{'batch ' + str(b):<30}{o:>10.1f}{h:>10.1f}{h / o:>9.2f}{1000 * b / o:>12.0f}{1000 * b / h:>10.0f}")
+        print(f"{'batch ' + str(b):<36}{o:>10.1f}{h:>10.1f}{h / o:>9.2f}{1000 * b / o:>12.0f}"
+              f"{1000 * b / h:>10.0f}")
 
     if args.profile:
         print()

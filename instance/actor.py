@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -281,6 +282,7 @@ class InstanceActor:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_sink: dict[Any, list[TokenChunk]] = {}
+        now = time.time()
         for out in outputs:
             sink = self._sinks.get(out.request_id)
             if sink is None:
@@ -290,7 +292,7 @@ class InstanceActor:
             by_sink.setdefault(sink, []).append(TokenChunk(
                 request_id=out.request_id, seq=seq, token_ids=tuple(out.new_token_ids), text=out.text_delta,
                 instance_id=self.instance_id, finish_reason=out.finish_reason,
-                prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens))
+                prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens, produced_at=now))
             if out.finished:
                 self._forget(out.request_id)
         for sink, chunks in by_sink.items():

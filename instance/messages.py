@@ -19,6 +19,7 @@ class TokenChunk:
     finish_reason: str | None = None   # "stop" | "length" | "abort" on the last chunk
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    produced_at: float = 0.0           # time.time() when the step that produced these tokens ended
 
 
 @dataclass(frozen=True)

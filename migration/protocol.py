@@ -42,7 +42,8 @@ class MigrationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     last_stage_max_blocks: int = Field(4, ge=0, description="go to the last stage once at most this many remain")
-    max_stages: int = Field(8, ge=1, description="pre-copy stages before the last stage is forced")
+    max_stages: int = Field(8, ge=0, description="pre-copy stages before the last stage is forced "
+                                                 "(0: no pre-copy, a blocking copy of everything)")
     call_timeout_s: float = Field(10.0, gt=0, description="deadline of every call between the two halves")
     dst_idle_timeout_s: float = Field(15.0, gt=0,
                                       description="the destination frees a reservation the source left silent")

@@ -227,6 +227,18 @@ class GlobalScheduler:
             fe.push = asyncio.ensure_future(
                 asyncio.wait_for(fe.actor.update_instances.remote(views), self.config.call_timeout_s))
 
+    async def _push_now(self) -> None:
+        """Push the table to every frontend and wait for it to land, so a command's effect on dispatch is in
+        place when the command returns."""
+        views = self.list_instances()
+        fes = list(self.frontends.values())
+        results = await asyncio.gather(*(asyncio.wait_for(fe.actor.update_instances.remote(views),
+                                                          self.config.call_timeout_s) for fe in fes),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                log.warning("pushing the instance table to a frontend failed: %r", r)
+
     # ----- migrations ------------------------------------------------------------------------------------------
     def _launch(self, move: PlannedMove) -> asyncio.Task:
         log.info("migrate %s: %s", move.request_id, move.reason)
@@ -302,7 +314,7 @@ class GlobalScheduler:
         if inst.state != DRAINING:
             inst.state = DRAINING
             log.info("drain %s: no longer dispatched to; moving its requests away", instance_id)
-            self._broadcast()
+            await self._push_now()
         moved: list[MigrationRecord] = []
         failures: dict[str, list[str]] = {}
         deadline = time.monotonic() + self.config.drain_timeout_s
@@ -345,7 +357,7 @@ class GlobalScheduler:
         if inst.state == DRAINING:
             inst.state = SERVING
             log.info("undrain %s: dispatching to it again", instance_id)
-            self._broadcast()
+            await self._push_now()
         return inst.state
 
     async def list_migrations(self) -> tuple[list[MigrationRecord], list[MigrationRecord]]:

@@ -5,6 +5,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Engines built inside the test process run tiny ops for which intra-op threads only add synchronisation; on
+# a busy 2-core machine (Ray workers beside us) spinning OpenMP threads made them over 10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

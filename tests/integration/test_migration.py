@@ -266,3 +266,49 @@ def test_concurrent_migrations_from_one_instance(pair, sink, reference):
         expected = reference.generate([prompt(50 + i, n=100 + 40 * i)], GREEDY)[0].new_token_ids
         assert [t for c in chunks for t in c.token_ids] == expected
     assert_clean(a, b)
+
+
+def test_max_stages_zero_is_a_blocking_copy_of_every_block(ray_local, sink, reference):
+    a = start_instance("b-a", migration=dict(max_stages=0))
+    b = start_instance("b-b")
+    try:
+        p = prompt(21, n=300)
+        ray.get(a.add_request.remote("blocking", p, GREEDY, 0, sink))
+        wait_tokens(a, "blocking", 3)
+        record = ray.get(a.migrate_out.remote("blocking", "b-b", b))
+        assert record.state is MigrationState.COMMITTED and record.stage == 0
+        assert record.stage_blocks == [record.blocks_copied] and record.blocks_copied >= 300 // 16
+        chunks = wait_finished(sink, "blocking")
+        assert [t for c in chunks for t in c.token_ids] == reference.generate([p], GREEDY)[0].new_token_ids
+        assert_clean(a, b)
+    finally:
+        ray.kill(a)
+        ray.kill(b)
+
+
+def test_smollm2_migrated_twice_gives_the_unmigrated_tokens(ray_local, sink):
+    engine = dict(model="smollm2-135m", kv_cache_gib=0.15, max_model_len=1024, block_size=16)
+    a = start_instance("sm-a", engine=engine)
+    b = start_instance("sm-b", engine=engine)
+    try:
+        ref = Engine(**engine)
+        text = "The history of the tide: the moon pulls the oceans, and"
+        cases = {"sm-greedy": SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True),
+                 "sm-seeded": SamplingParams(max_tokens=48, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)}
+        ids = ref.tokenizer.encode(text)
+        for rid, params in cases.items():
+            ray.get(a.add_request.remote(rid, ids, params, 0, sink))
+        for rid in cases:
+            wait_tokens(a, rid, 8)
+            assert ray.get(a.migrate_out.remote(rid, "sm-b", b)).state is MigrationState.COMMITTED
+            wait_tokens(b, rid, 20)
+            assert ray.get(b.migrate_out.remote(rid, "sm-a", a)).state is MigrationState.COMMITTED
+        for rid, params in cases.items():
+            chunks = wait_finished(sink, rid, timeout=120)
+            expected = ref.generate([ids], params)[0]
+            assert [t for c in chunks for t in c.token_ids] == expected.new_token_ids
+            assert "".join(c.text for c in chunks) == expected.text_delta
+        assert_clean(a, b)
+    finally:
+        ray.kill(a)
+        ray.kill(b)
