@@ -1,6 +1,6 @@
 """Live migration between two real InstanceActors on a local Ray, with a real sink actor collecting the stream."""
 
-import asyncio
+import contextlib
 import random
 import time
 
@@ -48,6 +48,17 @@ def start_instance(name: str, engine: dict | None = None, migration: dict | None
         name, {**TINY, **(engine or {})}, 1, {"call_timeout_s": 5.0, **(migration or {})})
     ray.get(actor.start.remote(), timeout=120)
     return actor
+
+
+@contextlib.contextmanager
+def instances(*specs: tuple[str, dict, dict]):
+    """Start instance actors from (name, engine overrides, migration overrides); kill them afterwards."""
+    actors = [start_instance(name, engine, migration) for name, engine, migration in specs]
+    try:
+        yield actors
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +162,7 @@ def test_a_long_context_moves_in_several_stages_while_it_decodes(pair, sink, ref
 
 
 def test_a_waiting_request_moves_with_its_state_only(ray_local, sink, reference):
-    a = start_instance("w-a", engine=dict(max_num_seqs=1))
-    b = start_instance("w-b")
-    try:
+    with instances(("w-a", dict(max_num_seqs=1), {}), ("w-b", {}, {})) as (a, b):
         ray.get(a.add_request.remote("first", prompt(1), GREEDY, 0, sink))
         ray.get(a.add_request.remote("queued", prompt(2), GREEDY, 0, sink))
         wait_tokens(a, "first", 2)
@@ -164,9 +173,6 @@ def test_a_waiting_request_moves_with_its_state_only(ray_local, sink, reference)
         assert [t for c in chunks for t in c.token_ids] == reference.generate([prompt(2)], GREEDY)[0].new_token_ids
         wait_finished(sink, "first")
         assert_clean(a, b)
-    finally:
-        ray.kill(a)
-        ray.kill(b)
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.002, 0.01, 0.03, 0.06, 0.1])
@@ -189,9 +195,7 @@ def test_abort_at_any_point_of_a_migration_leaks_nothing(pair, sink, delay_s):
 
 
 def test_the_destination_killed_mid_copy_leaves_the_request_finishing_on_the_source(ray_local, sink, reference):
-    a = start_instance("k-a", migration=dict(stage_pause_s=1.0))
-    b = start_instance("k-b")
-    try:
+    with instances(("k-a", {}, dict(stage_pause_s=1.0)), ("k-b", {}, {})) as (a, b):
         p = prompt(11, n=600)
         params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
         ray.get(a.add_request.remote("victim", p, params, 0, sink))
@@ -208,14 +212,10 @@ def test_the_destination_killed_mid_copy_leaves_the_request_finishing_on_the_sou
         assert {c.instance_id for c in chunks} == {"k-a"}
         assert [t for c in chunks for t in c.token_ids] == reference.generate([p], params)[0].new_token_ids
         assert_clean(a)
-    finally:
-        ray.kill(a)
 
 
 def test_the_source_killed_mid_copy_makes_the_destination_free_its_reservation(ray_local, sink):
-    a = start_instance("s-a", migration=dict(stage_pause_s=5.0))
-    b = start_instance("s-b", migration=dict(dst_idle_timeout_s=1.0))
-    try:
+    with instances(("s-a", {}, dict(stage_pause_s=5.0)), ("s-b", {}, dict(dst_idle_timeout_s=1.0))) as (a, b):
         ray.get(a.add_request.remote("orphan", prompt(12, n=600),
                                      SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True), 0, sink))
         wait_tokens(a, "orphan", 2)
@@ -230,14 +230,10 @@ def test_the_source_killed_mid_copy_makes_the_destination_free_its_reservation(r
             assert time.monotonic() - killed_at < 5.0, "the reservation outlived the idle timeout"
             time.sleep(0.05)
         assert_clean(b)
-    finally:
-        ray.kill(b)
 
 
 def test_the_destination_out_of_blocks_aborts_the_migration_and_nothing_leaks(ray_local, sink, reference):
-    a = start_instance("o-a")
-    b = start_instance("o-b", engine=dict(num_blocks=20, max_model_len=320))
-    try:
+    with instances(("o-a", {}, {}), ("o-b", dict(num_blocks=20, max_model_len=320), {})) as (a, b):
         p = prompt(13, n=500)
         params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
         ray.get(a.add_request.remote("big", p, params, 0, sink))
@@ -247,9 +243,6 @@ def test_the_destination_out_of_blocks_aborts_the_migration_and_nothing_leaks(ra
         chunks = wait_finished(sink, "big")
         assert [t for c in chunks for t in c.token_ids] == reference.generate([p], params)[0].new_token_ids
         assert_clean(a, b)
-    finally:
-        ray.kill(a)
-        ray.kill(b)
 
 
 def test_concurrent_migrations_from_one_instance(pair, sink, reference):
@@ -269,9 +262,7 @@ def test_concurrent_migrations_from_one_instance(pair, sink, reference):
 
 
 def test_max_stages_zero_is_a_blocking_copy_of_every_block(ray_local, sink, reference):
-    a = start_instance("b-a", migration=dict(max_stages=0))
-    b = start_instance("b-b")
-    try:
+    with instances(("b-a", {}, dict(max_stages=0)), ("b-b", {}, {})) as (a, b):
         p = prompt(21, n=300)
         ray.get(a.add_request.remote("blocking", p, GREEDY, 0, sink))
         wait_tokens(a, "blocking", 3)
@@ -281,16 +272,11 @@ def test_max_stages_zero_is_a_blocking_copy_of_every_block(ray_local, sink, refe
         chunks = wait_finished(sink, "blocking")
         assert [t for c in chunks for t in c.token_ids] == reference.generate([p], GREEDY)[0].new_token_ids
         assert_clean(a, b)
-    finally:
-        ray.kill(a)
-        ray.kill(b)
 
 
 def test_smollm2_migrated_twice_gives_the_unmigrated_tokens(ray_local, sink):
     engine = dict(model="smollm2-135m", kv_cache_gib=0.15, max_model_len=1024, block_size=16)
-    a = start_instance("sm-a", engine=engine)
-    b = start_instance("sm-b", engine=engine)
-    try:
+    with instances(("sm-a", engine, {}), ("sm-b", engine, {})) as (a, b):
         ref = Engine(**engine)
         text = "The history of the tide: the moon pulls the oceans, and"
         cases = {"sm-greedy": SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True),
@@ -309,6 +295,3 @@ def test_smollm2_migrated_twice_gives_the_unmigrated_tokens(ray_local, sink):
             assert [t for c in chunks for t in c.token_ids] == expected.new_token_ids
             assert "".join(c.text for c in chunks) == expected.text_delta
         assert_clean(a, b)
-    finally:
-        ray.kill(a)
-        ray.kill(b)

@@ -1,0 +1,41 @@
+import pytest
+
+from orchestrator.config import ConfigError, load_config
+
+
+def test_yaml_file_then_flags_on_top(tmp_path):
+    f = tmp_path / "tidal.yaml"
+    f.write_text("instances: 4\ndispatch_policy: least-load\nengine:\n  model: tiny-llama\n  kv_cache_gib: 0.5\n"
+                 "migration:\n  max_stages: 2\n")
+    cfg = load_config(f, {"instances": 3, "kv_cache_gib": None, "port": 6000})
+    assert cfg.instances == 3 and cfg.port == 6000          # flags win
+    assert cfg.dispatch_policy == "least-load"               # the file fills what flags leave out
+    assert cfg.engine.model == "tiny-llama" and cfg.engine.kv_cache_gib == 0.5
+    assert cfg.migration.max_stages == 2
+
+
+def test_toml_file(tmp_path):
+    f = tmp_path / "tidal.toml"
+    f.write_text('instances = 2\n[engine]\nmodel = "tiny-llama"\nblock_size = 32\n')
+    cfg = load_config(f, {})
+    assert cfg.engine.block_size == 32 and cfg.instances == 2
+
+
+@pytest.mark.parametrize("text, words", [
+    ("instances: 0\n", "instances"),
+    ("dispatch_policy: fastest\n", "dispatch_policy"),
+    ("engine:\n  block_size: -1\n", "block_size"),
+    ("no_such_setting: 1\n", "no_such_setting"),
+    ("- a list\n", "mapping"),
+    ("instances: [unclosed\n", "not valid YAML"),
+])
+def test_bad_settings_name_what_to_fix(tmp_path, text, words):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
+        load_config(f, {})
+
+
+def test_missing_file_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("/nonexistent/tidal.yaml", {})
