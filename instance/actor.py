@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 60.0   # a command waits at most one (long) step plus the queue before it
 REAP_INTERVAL_S = 1.0
+SINK_PING_TIMEOUT_S = 5.0
 RECENT_MIGRATIONS = 64
 
 
@@ -55,7 +57,7 @@ class InstanceActor:
         self.info = InstanceInfo(instance_id=instance_id, node_id=ctx.get_node_id(),
                                  node_ip=ray.util.get_node_ip_address(), model=self.engine.model_name,
                                  max_model_len=self.engine.max_model_len,
-                                 vocab_size=self.engine.arch.vocab_size)
+                                 vocab_size=self.engine.arch.vocab_size, pid=os.getpid())
         self.migration = MigrationConfig(**(migration_config or {}))
         self.transport = create_transport(self.migration.transport)
         self.incoming = MigrationDestination(self, self.migration, self.transport.receive)
@@ -101,6 +103,19 @@ class InstanceActor:
             return self._steps
 
         return await self._between_steps(add)
+
+    async def resume_request(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+                             params: SamplingParams, seed: int, priority: int, text_emitted: int, sink: Any,
+                             next_seq: int) -> int:
+        """Take over a request from a dead instance: re-prefill what its client has, stream on from next_seq."""
+        def resume():
+            self.engine.resume_from_tokens(request_id, prompt_token_ids, output_token_ids, params, seed, priority,
+                                           text_emitted)
+            self._sinks[request_id] = sink
+            self._seq[request_id] = next_seq
+            return self._steps
+
+        return await self._between_steps(resume)
 
     async def abort(self, request_id: str) -> bool:
         def abort():
@@ -270,10 +285,24 @@ class InstanceActor:
     async def _reap_forever(self) -> None:
         while not self._stopping:
             await asyncio.sleep(REAP_INTERVAL_S)
-            try:
-                await self.incoming.reap()
-            except Exception:  # noqa: BLE001 - keep reaping
-                log.exception("instance %s: reaping stale migrations failed", self.instance_id)
+            for name, job in (("stale migrations", self.incoming.reap), ("dead frontends", self._reap_sinks)):
+                try:
+                    await job()
+                except Exception:  # noqa: BLE001 - keep reaping
+                    log.exception("instance %s: reaping %s failed", self.instance_id, name)
+
+    async def _reap_sinks(self) -> None:
+        """A frontend that died leaves requests nobody reads: abort them and free their blocks."""
+        sinks = list({s: None for s in self._sinks.values() if s is not None})     # handles hash by actor id
+        pings = await asyncio.gather(*(asyncio.wait_for(s.ping.remote(), SINK_PING_TIMEOUT_S) for s in sinks),
+                                     return_exceptions=True)
+        for sink, result in zip(sinks, pings):
+            if isinstance(result, ray.exceptions.RayActorError):
+                orphans = [rid for rid, s in self._sinks.items() if s == sink]
+                log.warning("instance %s: the frontend of %d requests is gone; aborting them", self.instance_id,
+                            len(orphans))
+                for rid in orphans:
+                    await self.abort(rid)
 
     def _snapshot(self) -> InstanceStatus:
         return InstanceStatus(self.instance_id, self.engine.load(), self._steps, len(self._sinks),

@@ -268,6 +268,22 @@ class Engine(EngineBackend):
         self.scheduler.free_blocks(req)
         del self.requests[request_id]
 
+    def resume_from_tokens(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+                           params: SamplingParams, seed: int, priority: int, text_emitted: int) -> None:
+        """Take over a request whose instance died: recompute prompt + the tokens its client already has, then
+        go on from output token len(output_token_ids) with the same seeded draws, as if nothing happened."""
+        ids = list(prompt_token_ids) + list(output_token_ids)
+        self.validate(list(prompt_token_ids), params, priority)
+        detok = Detokenizer(self.tokenizer.token_bytes, params.stop)
+        for t in output_token_ids:
+            detok.push(t)
+        state = RequestState(
+            request_id=request_id, token_ids=ids, num_prompt_tokens=len(prompt_token_ids), num_computed_tokens=0,
+            params=params, seed=seed, sample_index=len(output_token_ids), priority=priority,
+            arrival_time=time.monotonic(), text=detok.text, text_emitted=min(text_emitted, len(detok.text)),
+            pending_bytes=detok.pending)
+        self.admit_migrated(state, [])
+
     def admit_migrated(self, state: RequestState, block_ids: list[int]) -> None:
         """Adopt a request whose first `num_computed_tokens` tokens of KV were imported into `block_ids`."""
         if state.request_id in self.requests:

@@ -32,6 +32,7 @@ class InstanceInfo:
     model: str
     max_model_len: int
     vocab_size: int
+    pid: int = 0                   # the worker process, for operators (and fault-injection tests)
 
 
 @dataclass(frozen=True)

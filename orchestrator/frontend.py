@@ -27,7 +27,7 @@ from instance.sampling import InvalidRequestError, SamplingParams, validate_requ
 from orchestrator.config import ServeConfig
 from orchestrator.errors import AdminError
 from orchestrator.policies.dispatch import Candidate, choose_instance
-from orchestrator.scheduler import SERVING, InstanceView
+from orchestrator.scheduler import DEAD, SERVING, InstanceView
 from tidal.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,22 @@ class RpcError(Exception):
 
 @dataclass
 class RequestStream:
-    """One request's chunks, delivered in seq order whatever order (or instance) they arrive from."""
+    """One request's chunks, delivered in seq order whatever order (or instance) they arrive from, and what
+    failover needs to resume it elsewhere: its prompt, params and the tokens its client already has."""
 
     request_id: str
     instance_id: str
     actor: Any
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    prompt_ids: list[int] = field(default_factory=list)
+    params: SamplingParams | None = None
+    priority: int = 0
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)     # TokenChunk, or an RpcError that ends it
     next_seq: int = 0
     held: dict[int, TokenChunk] = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)                 # delivered so far, in order
+    text_len: int = 0
+    retries: int = 0
+    failing_over: bool = False
 
     def offer(self, chunk: TokenChunk) -> None:
         if chunk.seq < self.next_seq or chunk.seq in self.held:
@@ -72,8 +80,13 @@ class RequestStream:
         self.held[chunk.seq] = chunk
         while self.next_seq in self.held:
             c = self.held.pop(self.next_seq)
+            self.tokens += c.token_ids
+            self.text_len += len(c.text)
             self.queue.put_nowait(c)
             self.next_seq += 1
+
+    def fail(self, code: grpc.StatusCode, message: str) -> None:
+        self.queue.put_nowait(RpcError(code, message))
 
 
 @dataclass
@@ -141,7 +154,7 @@ class Frontend:
             await asyncio.sleep(0.05)
         left = list(self.streams.values())
         for stream in left:
-            stream.queue.put_nowait(TokenChunk(stream.request_id, -1, (), "", stream.instance_id, "abort"))
+            stream.fail(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         await asyncio.gather(*(self._abort_on_instance(s) for s in left), return_exceptions=True)
         if self.server is not None:
             await self.server.stop(grace=1.0)
@@ -151,6 +164,10 @@ class Frontend:
 
     async def is_serving(self) -> bool:
         return self.accepting
+
+    async def ping(self) -> bool:
+        """Instances ping the frontends of their requests; a dead frontend's requests are aborted."""
+        return True
 
     async def _set_health(self, status) -> None:
         for service in ("", *SERVICES):
@@ -165,6 +182,10 @@ class Frontend:
                 for rid in [r for r, p in pending.items()
                             if p.accepted_at_step is not None and v.status.step_index > p.accepted_at_step]:
                     del pending[rid]
+        dead = {v.instance_id for v in views if v.state == DEAD}
+        for stream in list(self.streams.values()):
+            if stream.instance_id in dead and not stream.failing_over:
+                asyncio.ensure_future(self._failover(stream))
         serving = [v for v in views if v.state == SERVING]
         if (not self.accepting and not self.shutting_down and serving and len(serving) == len(views)
                 and self.server is not None):
@@ -231,7 +252,8 @@ class Frontend:
             max_tokens=max_tokens,
             temperature=s.temperature if s.HasField("temperature") else 1.0,
             top_k=s.top_k, top_p=s.top_p if s.HasField("top_p") else 1.0, min_p=s.min_p,
-            seed=request.seed if request.HasField("seed") else None,
+            # unseeded requests get their seed here, so a resumed request draws the same tokens after failover
+            seed=request.seed if request.HasField("seed") else self._rng.getrandbits(63),
             stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids), ignore_eos=s.ignore_eos)
         validate_request(ids, params, request.priority, vocab_size=model[0], max_model_len=model[1])
         return ids, params, request.priority
@@ -242,8 +264,9 @@ class Frontend:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no instance has started yet; retry shortly")
         return min(i.vocab_size for i in infos), min(i.max_model_len for i in infos)
 
-    def dispatch(self, prompt_len: int) -> InstanceView:
-        serving = [v for v in self.views.values() if v.state == SERVING and v.status is not None]
+    def dispatch(self, prompt_len: int, exclude: frozenset[str] = frozenset()) -> InstanceView:
+        serving = [v for v in self.views.values()
+                   if v.state == SERVING and v.status is not None and v.instance_id not in exclude]
         if not serving:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no instance is serving; retry later")
         candidates = []
@@ -276,7 +299,8 @@ class Frontend:
         block_size = target.status.load.block_size
         pending = _Pending(blocks=-(-(len(ids) + 1) // block_size))
         self.pending.setdefault(target.instance_id, {})[rid] = pending
-        stream = RequestStream(rid, target.instance_id, target.actor)
+        stream = RequestStream(rid, target.instance_id, target.actor, prompt_ids=ids, params=params,
+                               priority=priority)
         self.streams[rid] = stream
         finished = False
         try:
@@ -290,19 +314,20 @@ class Frontend:
                 raise RpcError(grpc.StatusCode.INTERNAL,
                                f"instance {target.instance_id} failed to add the request: {e.cause!r}") from None
             except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE,
-                               f"instance {target.instance_id} did not accept the request: {type(e).__name__}")
+                log.warning("instance %s did not accept %s (%s); trying another", target.instance_id, rid,
+                            type(e).__name__)
+                asyncio.ensure_future(self._failover(stream))
             while True:
                 try:
-                    chunk = await asyncio.wait_for(stream.queue.get(), self.config.stream_idle_timeout_s)
+                    item = await asyncio.wait_for(stream.queue.get(), self.config.stream_idle_timeout_s)
                 except asyncio.TimeoutError:
                     raise RpcError(grpc.StatusCode.UNAVAILABLE,
                                    f"no token from instance {stream.instance_id} for "
                                    f"{self.config.stream_idle_timeout_s:.0f} s") from None
-                if chunk.seq < 0:
-                    raise RpcError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-                finished = chunk.finish_reason is not None
-                yield chunk
+                if isinstance(item, RpcError):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
                 if finished:
                     return
         finally:
@@ -310,6 +335,42 @@ class Frontend:
             self.pending.get(target.instance_id, {}).pop(rid, None)
             if not finished:
                 asyncio.ensure_future(self._abort_on_instance(stream))
+
+    async def _failover(self, stream: RequestStream) -> None:
+        """The stream's instance died: resume the request on a live one from the tokens its client has."""
+        stream.failing_over = True
+        dead = {stream.instance_id}
+        try:
+            while stream.request_id in self.streams:
+                stream.retries += 1
+                if stream.retries > self.config.request_retries:
+                    stream.fail(grpc.StatusCode.UNAVAILABLE,
+                                f"instance {stream.instance_id} failed and the retry budget "
+                                f"({self.config.request_retries}) is spent")
+                    return
+                try:
+                    target = self.dispatch(len(stream.prompt_ids) + len(stream.tokens), exclude=frozenset(dead))
+                except RpcError as e:
+                    stream.fail(grpc.StatusCode.UNAVAILABLE,
+                                f"instance {stream.instance_id} failed and no instance can take over: {e}")
+                    return
+                stream.held.clear()          # whatever the dead instance sent past next_seq is regenerated
+                stream.instance_id, stream.actor = target.instance_id, target.actor
+                try:
+                    await asyncio.wait_for(target.actor.resume_request.remote(
+                        stream.request_id, stream.prompt_ids, list(stream.tokens), stream.params,
+                        stream.params.seed, stream.priority, stream.text_len, self._self_actor, stream.next_seq),
+                        self.config.call_timeout_s)
+                    log.info("failover: %s resumed on %s after %d tokens (attempt %d)", stream.request_id,
+                             target.instance_id, len(stream.tokens), stream.retries)
+                    return
+                except ray.exceptions.RayTaskError as e:
+                    stream.fail(grpc.StatusCode.INTERNAL, f"resuming on {target.instance_id} failed: {e.cause!r}")
+                    return
+                except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                    dead.add(target.instance_id)
+        finally:
+            stream.failing_over = False
 
     async def abort(self, request_id: str) -> str:
         stream = self.streams.get(request_id)

@@ -67,7 +67,9 @@ class _Instance:
     status: InstanceStatus | None = None
     observed_at: float = 0.0
     poll: asyncio.Task | None = None
+    poll_started: float = 0.0
     failures: int = 0
+    replacing: asyncio.Task | None = None
 
     @property
     def instance_id(self) -> str:
@@ -114,20 +116,21 @@ class GlobalScheduler:
         """Create the instances, wait until every one serves, start the reconcile loop. Idempotent."""
         cfg = self.config
         if self._loop_task is None:
-            actor_cls = ray.remote(InstanceActor)
-            threads = max(1, int(cfg.num_cpus_per_instance))
             for i in range(cfg.instances):
                 iid = f"instance-{i}"
-                actor = actor_cls.options(
-                    name=cfg.actor_name(iid), namespace=cfg.namespace, lifetime="detached",
-                    num_cpus=cfg.num_cpus_per_instance, num_gpus=cfg.gpus_per_instance,
-                    scheduling_strategy="SPREAD", max_restarts=0, max_concurrency=1000,
-                ).remote(iid, cfg.engine.model_dump(), threads, cfg.migration.model_dump())
-                self.instances[iid] = _Instance(InstanceHandle(iid, actor, cfg.call_timeout_s))
+                self.instances[iid] = _Instance(InstanceHandle(iid, self._create_actor(iid), cfg.call_timeout_s))
             log.info("starting %d instances of %s", cfg.instances, cfg.engine.model)
             await asyncio.gather(*(self._start_instance(inst) for inst in self.instances.values()))
             self._loop_task = asyncio.get_running_loop().create_task(self._reconcile_forever())
         return self.list_instances()
+
+    def _create_actor(self, iid: str):
+        cfg = self.config
+        return ray.remote(InstanceActor).options(
+            name=cfg.actor_name(iid), namespace=cfg.namespace, lifetime="detached",
+            num_cpus=cfg.num_cpus_per_instance, num_gpus=cfg.gpus_per_instance,
+            scheduling_strategy="SPREAD", max_restarts=0, max_concurrency=1000,
+        ).remote(iid, cfg.engine.model_dump(), max(1, int(cfg.num_cpus_per_instance)), cfg.migration.model_dump())
 
     async def _start_instance(self, inst: _Instance) -> None:
         try:
@@ -164,7 +167,8 @@ class GlobalScheduler:
     # ----- the reconcile loop ----------------------------------------------------------------------------------
     async def _reconcile_forever(self) -> None:
         interval = self.config.load_interval_s
-        steps = (("observe", self._observe), ("decide+act", self._auto_rebalance), ("broadcast", self._broadcast))
+        steps = (("observe", self._observe), ("decide+act", self._auto_rebalance), ("repair", self._repair),
+                 ("broadcast", self._broadcast))
         while not self._stopping:
             started = time.perf_counter()
             for name, step in steps:
@@ -177,13 +181,47 @@ class GlobalScheduler:
             await asyncio.sleep(max(0.0, interval - (time.perf_counter() - started)))
 
     def _observe(self) -> None:
+        now = time.monotonic()
         for inst in self.instances.values():
-            if inst.state == DEAD:
+            if inst.state in (DEAD, STARTING):
                 continue
             if inst.poll is not None and inst.poll.done():
                 self._take_poll(inst)
-            if inst.poll is None:
+            elif inst.poll is not None and now - inst.poll_started > self.config.instance_timeout_s:
+                inst.poll.cancel()
+                inst.poll = None
+                self._declare_dead(inst, f"no status report for {self.config.instance_timeout_s:.1f} s")
+            if inst.poll is None and inst.state != DEAD:
                 inst.poll = asyncio.ensure_future(inst.handle.get_status())
+                inst.poll_started = now
+
+    def _declare_dead(self, inst: _Instance, why: str) -> None:
+        """Stop dispatching to it; frontends resume its requests elsewhere. Killed to be sure it stays quiet."""
+        inst.state = DEAD
+        log.error("%s is dead: %s", inst.instance_id, why)
+        try:
+            inst.handle.kill()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def _repair(self) -> None:
+        if not self.config.restart_dead_instances:
+            return
+        for inst in self.instances.values():
+            if inst.state == DEAD and (inst.replacing is None or inst.replacing.done()):
+                inst.replacing = asyncio.ensure_future(self._replace(inst))
+
+    async def _replace(self, inst: _Instance) -> None:
+        iid = inst.instance_id
+        await asyncio.sleep(1.0)          # let Ray release the dead actor's name
+        log.info("restarting %s", iid)
+        fresh = _Instance(InstanceHandle(iid, self._create_actor(iid), self.config.call_timeout_s))
+        self.instances[iid] = fresh
+        try:
+            await self._start_instance(fresh)
+        except Exception as e:  # noqa: BLE001 - try again on the next round
+            log.error("restarting %s failed: %s", iid, e)
+            fresh.state = DEAD
 
     def _take_poll(self, inst: _Instance) -> None:
         poll, inst.poll = inst.poll, None
@@ -195,8 +233,7 @@ class GlobalScheduler:
             return
         inst.failures += 1
         if isinstance(err, ray.exceptions.RayActorError):
-            inst.state = DEAD
-            log.error("%s is dead: %s", inst.instance_id, err)
+            self._declare_dead(inst, f"{type(err).__name__}")
         else:
             log.warning("%s: status poll failed (%d in a row): %r", inst.instance_id, inst.failures, err)
 

@@ -6,6 +6,7 @@ import pytest
 
 from instance.engine import Engine
 from instance.model.loader import ModelNotFoundError
+from instance.request import Detokenizer
 from instance.sampling import InvalidRequestError, SamplingParams
 from instance.scheduler import blocks_for
 
@@ -250,3 +251,27 @@ def test_default_max_model_len_shrinks_to_what_the_kv_cache_holds():
     assert e.max_model_len == 40
     with pytest.raises(InvalidRequestError, match="max_model_len"):
         e.add_request("long", prompt_token_ids=[1] * 39, params=SamplingParams(max_tokens=5))
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_resume_from_streamed_tokens_continues_identically(engine, params):
+    """What failover does when an instance dies: another engine re-prefills prompt + streamed tokens."""
+    p = prompts(1, seed=60)[0]
+    reference = engine.generate([p], params)[0]
+    seed = params.seed if params.seed is not None else 0     # greedy ignores the seed
+    for cut in (0, 1, 17, 39):
+        other = tiny()
+        streamed = reference.new_token_ids[:cut]
+        detok = Detokenizer(other.tokenizer.token_bytes, params.stop)   # what the client was sent so far
+        for t in streamed:
+            detok.push(t)
+        emitted = detok.delta(False)
+        other.resume_from_tokens("r", p, streamed, params, seed=seed, priority=0, text_emitted=len(emitted))
+        tokens, text = list(streamed), emitted
+        while other.has_unfinished():
+            for o in other.step():
+                tokens += o.new_token_ids
+                text += o.text_delta
+        assert tokens == reference.new_token_ids
+        assert text == reference.text_delta
+        assert other.pool.num_free == other.pool.num_blocks
