@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.tidal-installed
 
-.PHONY: serve test install bench clean
+.PHONY: serve test install bench clean redis-server
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/tidal serve $(ARGS)
 
-test: $(STAMP)
+# the tests start their own redis-server (for the Redis state store); it is a system package
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q redis-server; \
+	  else echo "the tests need redis-server: sudo apt-get install -y redis-server" >&2; exit 1; fi; }
+
+test: $(STAMP) redis-server
 	$(PY) -m pytest -q tests $(ARGS)
 
 clean:

@@ -382,30 +382,30 @@ def main(argv: list[str] | None = None) -> float:
     print(f"workload: {work.description}")
     print(f"ours: max_num_batched_tokens {args.max_num_batched_tokens}, max_num_seqs "
           f"{engine.config.max_num_seqs}, block_size {engine.config.block_size}")
-    print()
+    print(flush=True)
 
     with torch.inference_mode():
         warm_up(engine, model, engine.tokenizer)
         cmp = compare_throughput(engine, model, work, args.hf_batch, args.repeats)
-        decode = {b: compare_decode_steps(engine, model, b, args.context, args.steps) for b in DECODE_BATCHES}
+        print(f"{'throughput (fastest of ' + str(args.repeats) + ')':<44}{'wall s':>8}{'all runs s':>14}"
+              f"{'useful tok':>12}{'tok/s':>9}{'output waste':>14}{'prompt pos':>12}")
+        for r, walls in ((cmp.ours, cmp.ours_walls), (cmp.hf, cmp.hf_walls)):
+            runs = " ".join(f"{w:.1f}" for w in walls)
+            print(f"{r.name:<44}{r.wall_s:>8.1f}{runs:>14}{r.useful_tokens:>12}{r.tokens_per_s:>9.1f}"
+                  f"{r.output_waste:>13.0%}{r.prompt_tokens:>12}")
+        print("(output waste: output positions computed for requests already done; prompt pos: prompt "
+              "positions computed, left padding included)")
+        same, prefix = agreement(cmp.ours_tokens, cmp.hf_tokens)
+        print(f"greedy agreement with transformers: {same}/{len(cmp.ours_tokens)} requests identical, "
+              f"{prefix:.0%} of tokens before the first difference on average")
+        print(flush=True)
 
-    print(f"{'throughput (fastest of ' + str(args.repeats) + ')':<44}{'wall s':>8}{'all runs s':>14}"
-          f"{'useful tok':>12}{'tok/s':>9}{'output waste':>14}{'prompt pos':>12}")
-    for r, walls in ((cmp.ours, cmp.ours_walls), (cmp.hf, cmp.hf_walls)):
-        runs = " ".join(f"{w:.1f}" for w in walls)
-        print(f"{r.name:<44}{r.wall_s:>8.1f}{runs:>14}{r.useful_tokens:>12}{r.tokens_per_s:>9.1f}"
-              f"{r.output_waste:>13.0%}{r.prompt_tokens:>12}")
-    print("(output waste: output positions computed for requests already done; prompt pos: prompt positions "
-          "computed, left padding included)")
-    same, prefix = agreement(cmp.ours_tokens, cmp.hf_tokens)
-    print(f"greedy agreement with transformers: {same}/{len(cmp.ours_tokens)} requests identical, "
-          f"{prefix:.0%} of tokens before the first difference on average")
-    print()
-    title = f"decode step (ctx {args.context}, median of {args.steps})"
-    print(f"{title:<36}{'ours ms':>10}{'hf ms':>10}{'hf/ours':>9}{'ours tok/s':>12}{'hf tok/s':>10}")
-    for b, (o, h) in decode.items():
-        print(f"{'batch ' + str(b):<36}{o:>10.1f}{h:>10.1f}{h / o:>9.2f}{1000 * b / o:>12.0f}"
-              f"{1000 * b / h:>10.0f}")
+        title = f"decode step (ctx {args.context}, median of {args.steps})"
+        print(f"{title:<36}{'ours ms':>10}{'hf ms':>10}{'hf/ours':>9}{'ours tok/s':>12}{'hf tok/s':>10}")
+        for b in DECODE_BATCHES:
+            o, h = compare_decode_steps(engine, model, b, args.context, args.steps)
+            print(f"{'batch ' + str(b):<36}{o:>10.1f}{h:>10.1f}{h / o:>9.2f}{1000 * b / o:>12.0f}"
+                  f"{1000 * b / h:>10.0f}", flush=True)
 
     if args.profile:
         print()

@@ -82,6 +82,7 @@ BACKGROUND = 4
 BACKGROUND_PROMPT = 64
 QUIET_S = 3.0
 SETTLE_S = 0.02             # (c): how long the stream must stay unchanged after the abort
+POLL_S = 0.05              # polling an instance takes its GIL between the model's ops: poll gently
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 120.0      # one migration, one abort, one add
 TOKENS_TIMEOUT_S = 600.0    # a 4096-token prefill takes ~1 min on one busy core
@@ -139,7 +140,7 @@ def num_output(actor, rid: str) -> int:
 def wait_output(actor, rid: str, n: int) -> int:
     """Until the instance holding rid has generated n tokens for it (asked directly: no stream lag)."""
     return wait_until(lambda: (k := num_output(actor, rid)) >= n and k, f"{rid}: {n} output tokens",
-                      TOKENS_TIMEOUT_S)
+                      TOKENS_TIMEOUT_S, POLL_S)
 
 
 def stream(sink, rid: str) -> list:
@@ -239,7 +240,7 @@ def run_trial(context: int, repeat: int, prompt: list[int], a: Instance, b: Inst
     generated = tokens(chunks)
     rid_re = f"{rid}-recompute"
     call(second.actor.add_request.remote(rid_re, prompt + generated, greedy(MAX_TOKENS - len(generated)), 0, sink))
-    wait_until(lambda: call(sink.count.remote(rid_re)) > 0, f"{rid_re}: first token", TOKENS_TIMEOUT_S, 0.02)
+    wait_until(lambda: call(sink.count.remote(rid_re)) > 0, f"{rid_re}: first token", TOKENS_TIMEOUT_S, POLL_S)
     call(second.actor.abort.remote(rid_re))
     first_recomputed = stream(sink, rid_re)[0]
 
@@ -272,7 +273,7 @@ def reference(instance: Instance, sink, prompt: list[int], n: int, context: int)
     rid = f"ctx{context}-reference"
     call(instance.actor.add_request.remote(rid, prompt, greedy(n), 0, sink))
     wait_until(lambda: (c := call(sink.get.remote(rid))) and c[-1].finish_reason is not None
-               and len(c) == c[-1].seq + 1, f"{rid}: finished", TOKENS_TIMEOUT_S, 0.05)
+               and len(c) == c[-1].seq + 1, f"{rid}: finished", TOKENS_TIMEOUT_S, POLL_S)
     return tokens(stream(sink, rid))
 
 

@@ -43,6 +43,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--num-cpus-per-instance", type=float, help="Ray CPUs per instance (default 1)")
     p.add_argument("--num-gpus-per-instance", type=float, help="Ray GPUs per instance (default 1 on cuda)")
     p.add_argument("--max-queue-per-instance", type=int, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--restart-dead-instances", action="store_true", default=None,
+                   help="replace an instance that died with a new one")
+    p.add_argument("--state-store", help="ray (GCS internal KV, default) or redis://host:port/db")
 
 
 def _add_client(sub) -> None:

@@ -46,6 +46,8 @@ class ServeConfig(BaseModel):
     request_retries: int = Field(3, ge=0, description="times a request is resumed elsewhere when its instance dies")
     instance_timeout_s: float = Field(5.0, gt=0, description="an instance silent this long is declared dead")
     restart_dead_instances: bool = Field(False, description="replace an instance that died with a new one")
+    state_store: str | None = Field(None, description="where target state lives: ray (GCS KV, default) or "
+                                                      "redis://host:port/db")
     migration: MigrationConfig = Field(default_factory=MigrationConfig)
     auto_migrate: bool = Field(True, description="run the migration policy in the reconcile loop")
     rebalance_interval_s: float = Field(0.5, gt=0, description="how often the migration policy runs")

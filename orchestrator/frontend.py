@@ -33,6 +33,7 @@ from tidal.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_g
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+SCHEDULER_SILENCE_S = 2.0      # no table pushed for this long: the scheduler may have restarted, register again
 SERVICES = ("tidal.v1.GenerationService", "tidal.v1.AdminService")
 FINISH_REASONS = {
     "stop": generation_pb2.FINISH_REASON_STOP,
@@ -116,6 +117,8 @@ class Frontend:
         self._self_actor = None
         self.scheduler = None
         self.port = 0
+        self._last_update = time.monotonic()
+        self._watchdog: asyncio.Task | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
     async def start(self, scheduler: Any) -> int:
@@ -139,8 +142,25 @@ class Frontend:
         views = await asyncio.wait_for(scheduler.register_frontend.remote(self.name, self._self_actor),
                                        self.config.call_timeout_s)
         await self.update_instances(views)
+        self._watchdog = asyncio.ensure_future(self._watch_scheduler())
         log.info("frontend %s listening on %s:%d", self.name, self.config.host, self.port)
         return self.port
+
+    async def _watch_scheduler(self) -> None:
+        """While the scheduler is down, serving goes on with the last instance table; once it is back (Ray
+        restarts it), register again so it pushes tables here."""
+        while not self.shutting_down:
+            await asyncio.sleep(SCHEDULER_SILENCE_S / 2)
+            if time.monotonic() - self._last_update < SCHEDULER_SILENCE_S:
+                continue
+            try:
+                views = await asyncio.wait_for(self.scheduler.register_frontend.remote(self.name, self._self_actor),
+                                               self.config.startup_timeout_s)
+                await self.update_instances(views)
+                log.info("frontend %s: registered again with the scheduler", self.name)
+            except Exception as e:  # noqa: BLE001 - keep serving on the last table and keep trying
+                log.warning("frontend %s: the scheduler is unreachable (%r); serving on the last instance table",
+                            self.name, e)
 
     async def shutdown(self, grace_s: float | None = None) -> int:
         """Stop accepting, let in-flight requests finish for the grace period, abort the rest. Returns how many
@@ -148,6 +168,8 @@ class Frontend:
         grace = self.config.grace_period_s if grace_s is None else grace_s
         self.shutting_down = True
         self.accepting = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + grace
         while self.streams and time.monotonic() < deadline:
@@ -175,6 +197,7 @@ class Frontend:
 
     # ----- pushed by the scheduler and the instances -----------------------------------------------------------
     async def update_instances(self, views: list[InstanceView]) -> None:
+        self._last_update = time.monotonic()
         self.views = {v.instance_id: v for v in views}
         for v in views:
             pending = self.pending.get(v.instance_id)

@@ -31,6 +31,7 @@ from orchestrator.errors import failed_precondition, not_found
 from orchestrator.handles import InstanceHandle
 from orchestrator.policies.migration import (InstanceState, MigrationPolicyConfig, PlannedMove, plan_drain,
                                              plan_migrations)
+from orchestrator.store import StateStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +108,73 @@ class GlobalScheduler:
         self.recent: deque[MigrationRecord] = deque(maxlen=RECENT_MIGRATIONS)
         self.last_move_at: dict[str, float] = {}
         self._last_rebalance = 0.0
+        self.store: StateStore = open_store(cfg.state_store, cfg.deployment)
+        self._start_lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self.step_timings_ms: dict[str, float] = {}
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> list[InstanceView]:
-        """Create the instances, wait until every one serves, start the reconcile loop. Idempotent."""
-        cfg = self.config
-        if self._loop_task is None:
-            for i in range(cfg.instances):
-                iid = f"instance-{i}"
-                self.instances[iid] = _Instance(InstanceHandle(iid, self._create_actor(iid), cfg.call_timeout_s))
-            log.info("starting %d instances of %s", cfg.instances, cfg.engine.model)
-            await asyncio.gather(*(self._start_instance(inst) for inst in self.instances.values()))
+        """Create the instances (or, after a restart, re-find them by name from the stored target state), wait
+        until they serve, start the reconcile loop. Idempotent."""
+        async with self._start_lock:
+            if self._loop_task is not None:
+                return self.list_instances()
+            cfg = self.config
+            saved = await asyncio.to_thread(self.store.scan, "instance/")
+            if saved and await self._recover(saved):
+                log.info("recovered %d instances from the state store (%s)", len(self.instances), self.store.url)
+            else:
+                if saved:
+                    log.warning("stored state names %d instances but none is alive: starting afresh", len(saved))
+                    await asyncio.to_thread(self._forget_state)
+                for i in range(cfg.instances):
+                    iid = f"instance-{i}"
+                    self.instances[iid] = _Instance(InstanceHandle(iid, self._create_actor(iid), cfg.call_timeout_s))
+                log.info("starting %d instances of %s", cfg.instances, cfg.engine.model)
+                await asyncio.gather(*(self._start_instance(inst) for inst in self.instances.values()))
+            for inst in self.instances.values():
+                await self._save(inst)
             self._loop_task = asyncio.get_running_loop().create_task(self._reconcile_forever())
-        return self.list_instances()
+            for key in await asyncio.to_thread(self.store.scan, "op/drain/"):
+                log.info("resuming the interrupted drain of %s", key.split("/")[-1])
+                asyncio.ensure_future(self.drain(key.split("/")[-1]))
+            return self.list_instances()
+
+    async def _recover(self, saved: dict[str, dict]) -> bool:
+        """Re-find the stored instances by actor name. True if at least one is alive."""
+        alive = 0
+        for key, rec in sorted(saved.items()):
+            iid = rec["instance_id"]
+            try:
+                actor = ray.get_actor(self.config.actor_name(iid), namespace=self.config.namespace)
+            except ValueError:
+                actor = None
+            inst = _Instance(InstanceHandle(iid, actor, self.config.call_timeout_s))
+            self.instances[iid] = inst
+            if actor is None:
+                inst.state = DEAD
+                log.warning("%s is gone since the scheduler last ran", iid)
+                continue
+            try:
+                await self._start_instance(inst)
+                inst.state = rec.get("state", SERVING)
+                alive += 1
+            except Exception as e:  # noqa: BLE001 - counted as dead; repair may replace it
+                inst.state = DEAD
+                log.warning("%s did not answer after the scheduler restarted: %s", iid, e)
+        return alive > 0
+
+    async def _save(self, inst: _Instance) -> None:
+        """Persist an instance's target state (intent only: it exists, serving or draining)."""
+        intent = DRAINING if inst.state == DRAINING else SERVING
+        await asyncio.to_thread(self.store.put, f"instance/{inst.instance_id}",
+                                {"instance_id": inst.instance_id, "state": intent})
+
+    def _forget_state(self) -> None:
+        for key in self.store.scan(""):
+            self.store.delete(key)
 
     def _create_actor(self, iid: str):
         cfg = self.config
@@ -143,8 +195,12 @@ class GlobalScheduler:
         log.info("%s serving on node %s (%s)", inst.instance_id, inst.info.node_ip, inst.info.node_id[:12])
 
     async def shutdown(self) -> None:
-        """Stop the loop and kill the instances this scheduler created."""
+        """Stop the loop, kill the instances this scheduler created and clear its stored state."""
         self._stopping = True
+        try:
+            await asyncio.to_thread(self._forget_state)
+        except Exception as e:  # noqa: BLE001 - the store may be down; the instances still go
+            log.warning("clearing the state store failed: %r", e)
         for inst in self.instances.values():
             try:
                 inst.handle.kill()
@@ -154,8 +210,11 @@ class GlobalScheduler:
         log.info("scheduler shut down; %d instances stopped", len(self.instances))
 
     async def register_frontend(self, name: str, actor: Any) -> list[InstanceView]:
+        """Frontends register at start and again whenever the scheduler went quiet (it may have restarted)."""
+        await self.start()
+        if name not in self.frontends:
+            log.info("frontend %s registered", name)
         self.frontends[name] = _Frontend(actor)
-        log.info("frontend %s registered", name)
         return self.list_instances()
 
     def list_instances(self) -> list[InstanceView]:
@@ -219,6 +278,7 @@ class GlobalScheduler:
         self.instances[iid] = fresh
         try:
             await self._start_instance(fresh)
+            await self._save(fresh)
         except Exception as e:  # noqa: BLE001 - try again on the next round
             log.error("restarting %s failed: %s", iid, e)
             fresh.state = DEAD
@@ -351,7 +411,10 @@ class GlobalScheduler:
         if inst.state != DRAINING:
             inst.state = DRAINING
             log.info("drain %s: no longer dispatched to; moving its requests away", instance_id)
+            await self._save(inst)
             await self._push_now()
+        await asyncio.to_thread(self.store.put, f"op/drain/{instance_id}", {"instance_id": instance_id,
+                                                                            "started_at": time.time()})
         moved: list[MigrationRecord] = []
         failures: dict[str, list[str]] = {}
         deadline = time.monotonic() + self.config.drain_timeout_s
@@ -383,6 +446,7 @@ class GlobalScheduler:
                     failures.setdefault(rec.request_id, []).append(rec.reason or rec.state.value)
         left = {r.request_id for r in remaining}
         not_moved = [(rid, reasons[-1]) for rid, reasons in failures.items() if rid in left]
+        await asyncio.to_thread(self.store.delete, f"op/drain/{instance_id}")
         log.info("drain %s: %d moved, %d could not move, %d remaining", instance_id, len(moved), len(not_moved),
                  len(left))
         return DrainReport(instance_id, moved, not_moved, len(left))
@@ -394,6 +458,7 @@ class GlobalScheduler:
         if inst.state == DRAINING:
             inst.state = SERVING
             log.info("undrain %s: dispatching to it again", instance_id)
+            await self._save(inst)
             await self._push_now()
         return inst.state
 

@@ -149,7 +149,7 @@ class RedisStore(StateStore):
     times, then StoreConflict. Socket timeouts bound every call, so a dead server gives StoreError, not a hang.
     """
 
-    def __init__(self, url: str, deployment: str, *, timeout_s: float = 3.0, max_attempts: int = 50):
+    def __init__(self, url: str, deployment: str, *, timeout_s: float = 3.0, max_attempts: int = 100):
         u = urlsplit(url)
         try:
             host, port = u.hostname or "localhost", u.port or 6379
@@ -206,13 +206,16 @@ class RedisStore(StateStore):
                     new = fn(_decode(pipe.get(k)))
                     data = None if new is None else _encode(key, new)
                     pipe.multi()
-                    pipe.delete(k) if data is None else pipe.set(k, data)
+                    if data is None:
+                        pipe.delete(k)
+                    else:
+                        pipe.set(k, data)
                     pipe.execute()
                     return new
                 except redis.WatchError:
                     time.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
-        raise StoreConflict(f"state key {key!r}: another writer changed it during each of {self._max_attempts} "
-                            "updates; is a second scheduler running for this deployment?")
+        raise StoreConflict(f"state key {key!r}: another writer changed it during all {self._max_attempts} "
+                            "attempts to update it; is a second scheduler running for this deployment?")
 
     def close(self):
         self._r.close()

@@ -93,7 +93,7 @@ def test_concurrent_updates_lose_nothing(open_deployment):
 
     def increment(value):
         calls.append(1)
-        time.sleep(0.0005)    # widen the read-modify-write window so writers really overlap
+        time.sleep(0.0002)    # widen the read-modify-write window so writers really overlap
         return {"n": (value or {"n": 0})["n"] + 1}
 
     def worker():
