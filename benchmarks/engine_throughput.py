@@ -1,6 +1,6 @@
 """Output-token throughput of our engine against Hugging Face transformers, on SmolLM2-135M.
 
-    python -m benchmarks.engine_throughput [--requests 32] [--device cpu] [--profile]
+    python -m benchmarks.engine_throughput [--requests 32] [--device cpu] [--threads 1] [--profile]
 
 Workload: `--requests` (default 32) rows of the Azure LLM conversation trace (azure-conv, see
 benchmarks/traces.py), drawn without replacement with `random.Random(--seed)` (default 0) from the whole
@@ -24,7 +24,10 @@ Measured, after warming both up, under torch.inference_mode:
 
 Throughput is useful output tokens / wall time. The machine this runs on is shared and noisy: (a) and (b) run
 `--repeats` (2) times each, alternating which goes first, and each side's fastest run counts (other load
-only adds time); every run's wall time is printed. The last line is `ratio_ours_over_hf=<x.xx>`. `--profile`
+only adds time); every run's wall time is printed. Both sides run on `--threads` (1) torch threads: on the
+shared 2-core box, torch's default of one OpenMP thread per core made step times swing up to 10x whenever
+anything else ran (a thread that is descheduled stalls every parallel region of the other, which spins),
+while one thread slows down only in proportion to the load. `--threads 0` keeps torch's default. The last line is `ratio_ours_over_hf=<x.xx>`. `--profile`
 also prints where a batch-32 decode step of ours spends its time (cProfile and torch.profiler).
 """
 
@@ -366,10 +369,11 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--steps", type=int, default=8, help="decode steps per timing, median taken (8)")
     parser.add_argument("--repeats", type=int, default=2, help="throughput runs per side, fastest kept (2)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="our step budget (512)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (default 1; 0 = torch's default, one per core)")
     parser.add_argument("--profile", action="store_true", help="also profile our batch-32 decode step")
     args = parser.parse_args(argv)
-    if args.threads is not None:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     begin = time.perf_counter()

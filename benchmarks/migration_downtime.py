@@ -24,28 +24,35 @@ produced on the source (TokenChunk.produced_at: time.time() when the step that p
 instances share this machine's clock). It includes the normal inter-token gap: with no migration at all
 the next token would have come one decode step later (the "step" column: median gap between consecutive
 tokens of the request on one instance). The table shows the medians over repeats, and the record's own
-downtime_ms (the source's view: suspend -> destination committed).
+downtime_ms (the source's view: from when `suspend` returned, which already includes exporting the last
+stage's blocks, until the destination committed).
 Correctness: the stream of every request must have contiguous seq numbers and no duplicates, and its
 tokens (moved twice) must equal those of an unmigrated greedy run of the same prompt on A.
 
-Step slowdown. A holds `BACKGROUND` short requests (64-token prompts) that keep decoding, plus one request
-with a `--slowdown-context`-token (4096) context. B holds nothing else. Each of `--slowdown-rounds` (12)
-rounds: the long request is on A and has produced 2 tokens there; a QUIET window of `QUIET_S` seconds with
-no migration; then A.migrate_out moves it to B (default config, measured), then B moves it back (not
-measured) and the next round starts. A STEP INTERVAL is the gap between the produced_at of two consecutive
-chunks of one background request on A (one chunk per step: it is the step time plus the loop's time between
-steps, what a user sees as time per output token). Quiet intervals: those that end inside the quiet window.
-In-flight intervals: those that end after migrate_out was called and no later than the last step in which
-the migrating request was still in A's batch (the pre-copy phase; afterwards the batch is smaller). The
-batch is the same in both windows. Per round, ratio = mean in-flight interval / mean quiet interval;
-step_slowdown_pct = 100 * (median over rounds of ratio - 1). Rounds without an in-flight interval are
-skipped (the count is printed).
+Step slowdown. Instance A decodes one request with a `--slowdown-context`-token (4096) context plus
+`BACKGROUND` (4) short requests (64-token prompts); B holds nothing else. Each of `--slowdown-rounds` (12)
+rounds: four fresh background requests are added to A and the round waits until they are past their
+prefill and the long request has made one more token (every step from then on is a decode of the same five
+requests); a QUIET window of `QUIET_STEPS` (4) steps of A with no migration; then A.migrate_out moves the long
+request to B (default config, measured); the background requests are aborted, so that A is idle when B
+moves the long request back (not measured). A STEP INTERVAL is the gap between the produced_at of two
+consecutive chunks of one background request (one chunk per step: the step time plus the loop's time
+between steps, what a user sees as time per output token). Quiet intervals: those that end inside the quiet
+window. In-flight intervals: those that end after migrate_out was called and no later than the last step
+in which the long request was still in A's batch (the pre-copy phase, including the step or two it waits
+for between steps to check and suspend the request; afterwards the batch is smaller). The batch is the same
+in both windows. Per round, ratio = mean in-flight interval / mean quiet interval; step_slowdown_pct =
+100 * (median over rounds of ratio - 1). The pooled ratio (all in-flight intervals over all quiet ones) is
+printed too.
 
 The last line is
     downtime_ratio_4096_vs_256=<(a) downtime at 4096 / at 256> recompute_over_migration_4096=<(c) / (a) at
     4096> step_slowdown_pct=<as above>
 (nan where a context was not run). Goals: downtime_ratio_4096_vs_256 <= 1.3 (downtime does not grow with
 the context), recompute_over_migration_4096 >= 20, step_slowdown_pct <= 3.
+
+While it measures, the driver only asks the sink how far a request got, never the instances (a call into an
+instance takes its GIL between the model's ops and slows its steps).
 
 This machine is shared and noisy (2 cores, other people's tests): everything is a ratio measured in one run,
 configurations alternate, and figures are medians over repeats.
@@ -80,9 +87,9 @@ MAX_TOKENS = 400            # prompt + MAX_TOKENS <= max_model_len for a 4096-to
 WARM_TOKENS = 4             # tokens a request produces on an instance before it is moved on
 BACKGROUND = 4
 BACKGROUND_PROMPT = 64
-QUIET_S = 3.0
+QUIET_STEPS = 4            # steps of A in each quiet window
 SETTLE_S = 0.02             # (c): how long the stream must stay unchanged after the abort
-POLL_S = 0.05              # polling an instance takes its GIL between the model's ops: poll gently
+POLL_S = 0.05              # how often the driver asks the sink how far a request got
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 120.0      # one migration, one abort, one add
 TOKENS_TIMEOUT_S = 600.0    # a 4096-token prefill takes ~1 min on one busy core
@@ -108,6 +115,9 @@ class Sink:
     async def count(self, request_id) -> int:
         return len(self.chunks.get(request_id, []))
 
+    async def num_tokens(self, request_id) -> int:
+        return sum(len(c.token_ids) for c in self.chunks.get(request_id, []))
+
 
 # ----- helpers ----------------------------------------------------------------------------------------------
 
@@ -130,17 +140,15 @@ def wait_until(predicate, what: str, timeout: float, interval: float = 0.005):
         time.sleep(interval)
 
 
-def num_output(actor, rid: str) -> int:
-    info = call(actor.request_info.remote(rid))
-    if info is None:
-        raise RuntimeError(f"{rid} is not on this instance (finished early?)")
-    return info.num_output_tokens
+def streamed(sink, rid: str) -> int:
+    return call(sink.num_tokens.remote(rid))
 
 
-def wait_output(actor, rid: str, n: int) -> int:
-    """Until the instance holding rid has generated n tokens for it (asked directly: no stream lag)."""
-    return wait_until(lambda: (k := num_output(actor, rid)) >= n and k, f"{rid}: {n} output tokens",
-                      TOKENS_TIMEOUT_S, POLL_S)
+def wait_streamed(sink, rid: str, n: int, interval: float = POLL_S) -> int:
+    """Until the sink has received n tokens of rid. The sink is asked, not the instance: a call into an
+    instance takes its GIL between the model's ops and would slow the steps being measured."""
+    return wait_until(lambda: (k := streamed(sink, rid)) >= n and k, f"{rid}: {n} output tokens",
+                      TOKENS_TIMEOUT_S, interval)
 
 
 def stream(sink, rid: str) -> list:
@@ -201,10 +209,14 @@ def start_instance(name: str, model: str, migration: dict) -> object:
     return actor
 
 
+class MigrationFailed(RuntimeError):
+    """A migration did not commit (the request is still on its source)."""
+
+
 def migrate(src: Instance, rid: str, dst: Instance) -> MigrationRecord:
     record = call(src.actor.migrate_out.remote(rid, dst.name, dst.actor))
     if record.state is not MigrationState.COMMITTED:
-        raise RuntimeError(f"migration {src.name} -> {dst.name} of {rid} did not commit: {record.state.value} "
+        raise MigrationFailed(f"migration {src.name} -> {dst.name} of {rid} did not commit: {record.state.value} "
                            f"({record.reason})")
     return record
 
@@ -218,21 +230,21 @@ class Move:
     downtime_ms: float
     record: MigrationRecord | None = None
     step_ms: float = math.nan    # median gap between consecutive tokens of the request on one instance
-    before_ms: float = math.nan  # last token on the source -> suspended (approximate, see `split`)
+    before_ms: float = math.nan  # last token on the source -> the record's downtime starts (approx., `split`)
     after_ms: float = math.nan   # committed -> first token on the destination (approximate)
 
 
-def run_trial(context: int, repeat: int, prompt: list[int], a: Instance, b: Instance, sink) -> tuple[list[Move], list[int]]:
+def run_trial(rid: str, context: int, repeat: int, prompt: list[int], a: Instance, b: Instance,
+              sink) -> tuple[list[Move], list[int]]:
     """One request moved first -> second (migration), second -> first (migration), first -> second
     (recompute). Returns the three moves and the request's tokens up to its abort."""
     first, second = (a, b) if repeat % 2 == 0 else (b, a)
-    rid = f"ctx{context}-r{repeat}"
     call(first.actor.add_request.remote(rid, prompt, greedy(MAX_TOKENS), 0, sink))
-    wait_output(first.actor, rid, WARM_TOKENS)
+    wait_streamed(sink, rid, WARM_TOKENS)
     records = [migrate(first, rid, second)]
-    wait_output(second.actor, rid, num_output(second.actor, rid) + WARM_TOKENS)
+    wait_streamed(sink, rid, streamed(sink, rid) + WARM_TOKENS)
     records.append(migrate(second, rid, first))
-    n0 = wait_output(first.actor, rid, num_output(first.actor, rid) + WARM_TOKENS)
+    n0 = wait_streamed(sink, rid, streamed(sink, rid) + WARM_TOKENS)
 
     # (c) recompute: the stream so far becomes the prompt of a new request on the other instance
     call(first.actor.abort.remote(rid))
@@ -260,9 +272,11 @@ def run_trial(context: int, repeat: int, prompt: list[int], a: Instance, b: Inst
 
 
 def split(record: MigrationRecord, last_on_src: float, first_on_dst: float) -> tuple[float, float]:
-    """(last source token -> suspend, commit -> first destination token) in ms. The record keeps only its end
-    (after the source freed its blocks, between two steps of an otherwise idle source: ~1 ms after the
-    commit) and its downtime, so commit ~ ended_at and suspend ~ ended_at - downtime."""
+    """(last source token -> start of the record's downtime, commit -> first destination token) in ms. The
+    record keeps only its end (after the source freed its blocks, between two steps of an otherwise idle
+    source: ~1 ms after the commit) and its downtime, so commit ~ ended_at and its downtime starts at
+    ended_at - downtime. migrate_out starts that clock when `suspend` returns, i.e. after the source has
+    exported the last stage's blocks, so the first part includes that export."""
     commit = record.ended_at
     suspend = commit - record.downtime_ms / 1000
     return 1000 * (suspend - last_on_src), 1000 * (first_on_dst - commit)
@@ -283,8 +297,22 @@ def describe(move: Move) -> str:
         return f"{move.method}: downtime {move.downtime_ms:8.1f} ms (recompute)"
     return (f"{move.method}: downtime {move.downtime_ms:8.1f} ms  record {r.downtime_ms:7.1f} ms  "
             f"{r.src}->{r.dst} stages {r.stage} blocks {r.blocks_copied} per stage {r.stage_blocks}  "
-            f"step {move.step_ms:.0f} ms  last src->suspend {move.before_ms:.0f} ms  "
+            f"step {move.step_ms:.0f} ms  last src->record start {move.before_ms:.0f} ms  "
             f"commit->first dst {move.after_ms:.0f} ms")
+
+
+def check_clean(*instances: Instance) -> None:
+    """Every block free and no request left once everything was aborted; a warning if not (a leak)."""
+    for inst in instances:
+        call(inst.actor.check_integrity.remote())
+    try:
+        wait_until(lambda: all((l := call(i.actor.get_status.remote()).load).free_blocks == l.total_blocks
+                               and l.num_running + l.num_waiting + l.num_suspended == 0 for i in instances),
+                   "instances idle", 10.0, POLL_S)
+    except TimeoutError:
+        for inst in instances:
+            print(f"WARNING: instance {inst.name} holds blocks or requests after everything ended: "
+                  f"{call(inst.actor.get_status.remote()).load}", flush=True)
 
 
 def downtimes(contexts: list[int], repeats: int, tokenizer, a: Instance, b: Instance, sink) -> list[Move]:
@@ -293,7 +321,17 @@ def downtimes(contexts: list[int], repeats: int, tokenizer, a: Instance, b: Inst
         prompt = synthetic_prompt(tokenizer, context, seed=context)
         streams = []
         for repeat in range(repeats):
-            trial, generated = run_trial(context, repeat, prompt, a, b, sink)
+            for attempt in range(3):
+                rid = f"ctx{context}-r{repeat}-{attempt}"
+                try:
+                    trial, generated = run_trial(rid, context, repeat, prompt, a, b, sink)
+                    break
+                except MigrationFailed as e:
+                    print(f"context {context} repeat {repeat}: {e}; running the trial again", flush=True)
+                    for inst in (a, b):
+                        call(inst.actor.abort.remote(rid))
+            else:
+                raise RuntimeError(f"context {context} repeat {repeat}: three trials failed")
             streams.append(generated)
             moves += trial
             print(f"context {context} repeat {repeat}:", flush=True)
@@ -307,8 +345,7 @@ def downtimes(contexts: list[int], repeats: int, tokenizer, a: Instance, b: Inst
                                      f"unmigrated one at output token {at} of {len(got)}")
         print(f"context {context}: every migrated stream equals the unmigrated greedy run "
               f"({', '.join(str(len(s)) for s in streams)} tokens)", flush=True)
-        for inst in (a, b):
-            call(inst.actor.check_integrity.remote())
+        check_clean(a, b)
     return moves
 
 
@@ -333,46 +370,69 @@ def downtime_table(contexts: list[int], moves: list[Move]) -> dict[tuple[int, st
               f"{rec('a', 'stage'):6.0f} {rec('a', 'blocks_copied'):6.0f} | {medians[context, 'b']:8.1f} "
               f"{rec('b', 'downtime_ms'):7.1f} {rec('b', 'blocks_copied'):6.0f} | {medians[context, 'c']:9.1f} | "
               f"{step:7.1f} | {medians[context, 'a'] - step:8.1f} {medians[context, 'b'] - step:8.1f}")
-    print("record = the source's own downtime_ms (suspend -> committed); step = median gap between two tokens "
-          "on one instance; x-step = downtime beyond the normal inter-token gap")
+    print("record = the source's own downtime_ms (suspend returned, after exporting the last stage -> committed); "
+          "step = median gap between two tokens on one instance; x-step = downtime beyond that gap")
     return medians
 
 
 # ----- step slowdown ------------------------------------------------------------------------------------------
 
 def step_slowdown(context: int, rounds: int, tokenizer, a: Instance, b: Instance, sink) -> float:
-    background = [f"background-{i}" for i in range(BACKGROUND)]
-    for i, rid in enumerate(background):
-        call(a.actor.add_request.remote(rid, synthetic_prompt(tokenizer, BACKGROUND_PROMPT, seed=1000 + i),
-                                        greedy(4000), 0, sink))
+    """See the module docstring. Returns step_slowdown_pct."""
     big = f"slowdown-{context}"
     call(a.actor.add_request.remote(big, synthetic_prompt(tokenizer, context, seed=context + 1),
                                     greedy(MAX_TOKENS), 0, sink))
-    windows = []
+    prompts = [synthetic_prompt(tokenizer, BACKGROUND_PROMPT, seed=1000 + i) for i in range(BACKGROUND)]
+    rounds_done = []        # (background request whose steps we time, quiet window, record)
     try:
-        for _ in range(rounds):
-            wait_output(a.actor, big, num_output(a.actor, big) + 2)
-            quiet = (time.time(), time.time() + QUIET_S)
-            time.sleep(QUIET_S)
-            record = migrate(a, big, b)
-            windows.append((quiet, record))
-            wait_output(b.actor, big, num_output(b.actor, big) + 2)
-            migrate(b, big, a)
-        times = [c.produced_at for c in stream(sink, background[0])]
-        moves = segments(stream(sink, big))
+        for k in range(rounds):
+            # fresh background requests each round: A must be idle when the long request comes back (below)
+            background = [f"background-{k}-{i}" for i in range(BACKGROUND)]
+            for rid, prompt in zip(background, prompts):
+                call(a.actor.add_request.remote(rid, prompt, greedy(4000), 0, sink))
+            for rid in background:
+                wait_streamed(sink, rid, 2)           # past their prefill: from now on every step is a decode
+            wait_streamed(sink, big, streamed(sink, big) + 1)
+            q0 = time.time()
+            wait_streamed(sink, background[0], streamed(sink, background[0]) + QUIET_STEPS, 0.25)
+            quiet = (q0, time.time())
+            try:
+                record = migrate(a, big, b)
+            except MigrationFailed as e:
+                print(f"round {k}: skipped, {e}", flush=True)
+                record = None
+            for rid in background:
+                call(a.actor.abort.remote(rid))
+            if record is None:
+                continue
+            rounds_done.append((background[0], quiet, record))
+            wait_streamed(sink, big, streamed(sink, big) + 2)
+            # back into an idle A: a busy destination's first reserve waits for its step, and the reaper may
+            # then drop the migration and leak its blocks (see the report)
+            for attempt in range(3):
+                try:
+                    migrate(b, big, a)
+                    break
+                except MigrationFailed as e:
+                    print(f"round {k}: moving back failed ({e}), retrying", flush=True)
+            else:
+                raise RuntimeError("could not move the long request back to A")
+        runs = segments(stream(sink, big))
     finally:
-        for rid in [*background, big]:
-            call(a.actor.abort.remote(rid))
-            call(b.actor.abort.remote(rid))
+        for inst in (a, b):
+            call(inst.actor.abort.remote(big))
+    check_clean(a, b)
 
-    # the long request's runs on A are moves[0], moves[2], ...: round k ends run 2k on A
     print()
     print(f"source step interval, {BACKGROUND} background requests + one {context}-token request decoding on A:")
     print(f"{'round':>5} | {'quiet ms':>8} {'n':>3} | {'in-flight ms':>12} {'n':>3} | {'ratio':>6} | "
           f"{'stages':>6} {'blocks':>6} {'downtime':>8}")
     ratios, quiet_all, flight_all = [], [], []
-    for k, ((q0, q1), record) in enumerate(windows):
-        last_on_src = moves[2 * k][1][-1].produced_at
+    for k, (rid, (q0, q1), record) in enumerate(rounds_done):
+        name, run = runs[2 * k]          # the long request's runs alternate A, B, A, ...; move k ended run 2k
+        assert name == a.name, [r[0] for r in runs]
+        last_on_src = run[-1].produced_at
+        times = [c.produced_at for c in stream(sink, rid)]
         intervals = list(zip(times, times[1:]))
         quiet = [y - x for x, y in intervals if q0 < y <= q1]
         flight = [y - x for x, y in intervals if record.started_at < y <= last_on_src]
@@ -410,7 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     # the Sink must be importable by Ray's workers under its module name, not as __main__
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     sink_class = importlib.import_module("benchmarks.migration_downtime").Sink
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    # address="local": a cluster of our own, even where another one on this machine is the "current" one
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
     actors = []
     try:
         tokenizer = load_tokenizer(args.model)

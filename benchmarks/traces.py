@@ -61,7 +61,7 @@ def _parse_time(value: str) -> float:
     except ValueError:
         pass
     whole, _, fraction = value.partition(".")
-    stamp = (datetime.strptime(whole, "%Y-%m-%d %H:%M:%S") - _EPOCH).total_seconds()   # naive: no DST jumps
+    stamp = (datetime.fromisoformat(whole) - _EPOCH).total_seconds()   # naive: no time zone, no DST jumps
     return stamp + (float("0." + fraction) if fraction else 0.0)
 
 

@@ -10,6 +10,7 @@ import os
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config import ServeConfig
 from orchestrator.frontend import Frontend
@@ -56,9 +57,12 @@ class Deployment:
         except ValueError:
             pass  # no such actor: good
         started = time.monotonic()
+        # the control plane runs where `tidal serve` runs: the gRPC port is on this node, and losing a worker
+        # node never takes the scheduler or the frontend with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.scheduler = ray.remote(GlobalScheduler).options(
             name=name, namespace=cfg.namespace, lifetime="detached", max_restarts=-1, num_cpus=0,
-            max_concurrency=1000).remote(cfg.model_dump())
+            max_concurrency=1000, scheduling_strategy=here).remote(cfg.model_dump())
         try:
             ray.get(self.scheduler.start.remote(), timeout=cfg.startup_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -72,7 +76,7 @@ class Deployment:
             raise DeploymentError(f"instances failed to start: {e.cause}") from None
         self.frontend = ray.remote(Frontend).options(
             name=cfg.actor_name("frontend-0"), namespace=cfg.namespace, num_cpus=0,
-            max_concurrency=10000).remote(cfg.model_dump(), "frontend-0")
+            max_concurrency=10000, scheduling_strategy=here).remote(cfg.model_dump(), "frontend-0")
         try:
             self.port = ray.get(self.frontend.start.remote(self.scheduler), timeout=cfg.startup_timeout_s)
         except ray.exceptions.RayTaskError as e:

@@ -388,6 +388,10 @@ class Frontend:
                              target.instance_id, len(stream.tokens), stream.retries)
                     return
                 except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, InvalidRequestError) and e.cause.field == "request_id":
+                        # a migration to this instance committed just before its source died: it is already here
+                        log.info("failover: %s already lives on %s", stream.request_id, target.instance_id)
+                        return
                     stream.fail(grpc.StatusCode.INTERNAL, f"resuming on {target.instance_id} failed: {e.cause!r}")
                     return
                 except (ray.exceptions.RayActorError, asyncio.TimeoutError):

@@ -74,9 +74,10 @@ def test_chat_messages_are_rendered_with_the_template(client, reference):
     assert tokens_of(chunks) == direct.new_token_ids
 
 
-def _long_stream(client, **kw):
-    """A stream that runs for seconds (1000 tokens), for tests that act while it is in flight."""
-    return client.gen.Generate(request(prompt="a long one", max_tokens=1000, ignore_eos=True, **kw), timeout=60)
+def _long_stream(client, max_tokens: int = 1000, **kw):
+    """A stream that runs for seconds, for tests that act while it is in flight."""
+    return client.gen.Generate(request(prompt="a long one", max_tokens=max_tokens, ignore_eos=True, **kw),
+                               timeout=120)
 
 
 def test_cancelling_mid_stream_frees_the_requests_blocks(client):
@@ -139,8 +140,10 @@ def test_duplicate_running_request_id_is_refused(client):
 
 def test_overload_is_resource_exhausted_and_shutdown_is_graceful(ray_local):
     # one running slot and one queue place per instance: the fifth concurrent request finds every queue full
-    with deployment("e2e-small", engine=dict(max_num_seqs=1), max_queue_per_instance=1) as c:
-        streams = [_long_stream(c) for _ in range(4)]
+    # 4000-token requests keep every slot and queue place taken for the whole test, even on a fast machine
+    with deployment("e2e-small", engine=dict(max_num_seqs=1, max_model_len=4096), max_queue_per_instance=1,
+                    auto_migrate=False) as c:
+        streams = [_long_stream(c, max_tokens=4000) for _ in range(4)]
         for iid in ("instance-0", "instance-1"):
             c.wait_for_load(iid, lambda load: load.num_running == 1 and load.num_waiting == 1)
         with pytest.raises(grpc.RpcError) as err:

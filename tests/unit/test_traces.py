@@ -9,10 +9,15 @@ from instance.tokenizer import ByteTokenizer
 needs_data = pytest.mark.skipif(not trace_dir().is_dir(), reason=f"no trace data at {trace_dir()}")
 
 
+@pytest.fixture(scope="module")
+def traces() -> dict[str, list[TraceRequest]]:
+    return {name: load_trace(name) for name in NAMED_TRACES}
+
+
 @needs_data
 @pytest.mark.parametrize("name", sorted(NAMED_TRACES))
-def test_named_trace_loads_with_positive_lengths_in_arrival_order(name):
-    rows = load_trace(name)
+def test_named_trace_loads_with_positive_lengths_in_arrival_order(traces, name):
+    rows = traces[name]
     assert len(rows) > 100
     assert rows[0].arrival_s == 0.0
     assert all(a.arrival_s <= b.arrival_s for a, b in zip(rows, rows[1:]))
@@ -20,9 +25,9 @@ def test_named_trace_loads_with_positive_lengths_in_arrival_order(name):
 
 
 @needs_data
-def test_limit_keeps_the_first_rows_and_burstgpt_failures_are_skipped():
-    assert load_trace("azure-conv", limit=5) == load_trace("azure-conv")[:5]
-    assert len(load_trace("burstgpt")) == 400 - 17   # SOURCE.md: 17 rows have 0 response tokens
+def test_limit_keeps_the_first_rows_and_burstgpt_failures_are_skipped(traces):
+    assert load_trace("burstgpt", limit=5) == traces["burstgpt"][:5]
+    assert len(traces["burstgpt"]) == 400 - 17   # SOURCE.md: 17 rows have 0 response tokens
 
 
 def test_a_jsonl_file_path_loads_like_mooncake(tmp_path):
@@ -31,6 +36,14 @@ def test_a_jsonl_file_path_loads_like_mooncake(tmp_path):
                     '{"timestamp": 1000, "input_length": 7, "output_length": 0}\n'
                     '{"timestamp": 4000, "input_length": 20, "output_length": 5}\n')
     assert load_trace(path) == [TraceRequest(0.0, 10, 3), TraceRequest(2.5, 20, 5)]
+
+
+def test_a_csv_file_path_with_azure_columns_loads(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2023-11-16 23:59:59.5000000,374,44\n"
+                    "2023-11-17 00:00:01.2500000,396,109\n")
+    assert load_trace(path) == [TraceRequest(0.0, 374, 44), TraceRequest(1.75, 396, 109)]
 
 
 def test_scale_lengths_respects_bounds_and_keeps_order_of_lengths():

@@ -1,0 +1,98 @@
+"""Chaos: 200 requests on 3 instances while instances and the scheduler are killed at random."""
+
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import ray
+
+from instance.engine import Engine
+from instance.sampling import SamplingParams
+from tests.e2e.helpers import TINY, deployment, request, tokens_of
+from tidal.v1 import generation_pb2
+
+N_REQUESTS = 200
+
+
+def make_cases(rng: random.Random) -> list[dict]:
+    cases = []
+    for i in range(N_REQUESTS):
+        c = dict(prompt=f"chaos {i} " + "x" * rng.randint(0, 60), max_tokens=rng.randint(20, 120),
+                 ignore_eos=True, request_id=f"chaos-{i}")
+        if rng.random() < 0.5:
+            c.update(temperature=0.7, top_k=50, seed=rng.randrange(1 << 30))
+        cases.append(c)
+    return cases
+
+
+def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
+    rng = random.Random(1234)
+    cases = make_cases(rng)
+    reference = Engine(**TINY)
+    expected = {c["request_id"]: reference.generate(
+        [c["prompt"]], SamplingParams(max_tokens=c["max_tokens"], temperature=c.get("temperature", 0.0),
+                                      top_k=c.get("top_k", 0), seed=c.get("seed"), ignore_eos=True))[0].new_token_ids
+        for c in cases}
+    with deployment("e2e-chaos", instances=3, restart_dead_instances=True, auto_migrate=True,
+                    request_retries=5) as c:
+        done = threading.Event()
+        kills: list[str] = []
+
+        def chaos():
+            while not done.wait(rng.uniform(1.5, 3.0)):
+                try:
+                    views = [v for v in ray.get(c.deployment.scheduler.list_instances.remote(), timeout=60)
+                             if v.state == "serving"]
+                except ray.exceptions.RayError:
+                    continue                  # the scheduler is restarting from the last kill
+                what = rng.choice(["ray.kill", "sigkill", "scheduler"])
+                if what == "scheduler":
+                    ray.kill(c.deployment.scheduler, no_restart=False)
+                elif len(views) >= 2:
+                    victim = rng.choice(views)
+                    if what == "sigkill":
+                        os.kill(victim.info.pid, signal.SIGKILL)
+                    else:
+                        ray.kill(victim.actor)
+                kills.append(what)
+
+        def run(case):
+            try:
+                return case["request_id"], c.generate(timeout=180, **case), None
+            except grpc.RpcError as e:
+                return case["request_id"], None, e
+
+        killer = threading.Thread(target=chaos)
+        killer.start()
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                results = list(pool.map(run, cases))
+        finally:
+            done.set()
+            killer.join(timeout=60)
+        assert len(kills) >= 3, f"the chaos did not happen: {kills}"
+        identical = 0
+        for rid, chunks, err in results:
+            if err is not None:
+                # a clear status, never a wrong or silently truncated stream
+                assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED), err
+                assert err.details()
+                continue
+            assert [ch.seq for ch in chunks] == list(range(len(chunks))), rid
+            assert chunks[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH, rid
+            assert tokens_of(chunks) == expected[rid], rid
+            identical += 1
+        assert identical >= 0.9 * N_REQUESTS, f"only {identical} of {N_REQUESTS} completed ({kills})"
+        deadline = time.monotonic() + 60
+        while True:
+            views = ray.get(c.deployment.scheduler.list_instances.remote(), timeout=60)
+            live = [v for v in views if v.state == "serving"]
+            statuses = ray.get([v.actor.get_status.remote() for v in live])
+            if all(s.load.free_blocks == s.load.total_blocks and s.num_requests == 0 for s in statuses):
+                break
+            assert time.monotonic() < deadline, f"blocks still held on live instances: {statuses}"
+            time.sleep(0.2)
