@@ -23,12 +23,15 @@ Measured, after warming both up, under torch.inference_mode:
     see the same background load); median of `--steps` (8) steps each, after 2 warm-up steps.
 
 Throughput is useful output tokens / wall time. The machine this runs on is shared and noisy: (a) and (b) run
-`--repeats` (2) times each, alternating which goes first, and each side's fastest run counts (other load
-only adds time); every run's wall time is printed. Both sides run on `--threads` (1) torch threads: on the
-shared 2-core box, torch's default of one OpenMP thread per core made step times swing up to 10x whenever
-anything else ran (a thread that is descheduled stalls every parallel region of the other, which spins),
-while one thread slows down only in proportion to the load. `--threads 0` keeps torch's default. The last line is `ratio_ours_over_hf=<x.xx>`. `--profile`
-also prints where a batch-32 decode step of ours spends its time (cProfile and torch.profiler).
+`--repeats` (2) times each, alternating which goes first; every run is printed and each side's fastest run
+counts (other load only ever adds time). Both sides run on `--threads` (1) torch threads: on the shared
+2-core box, torch's default of one OpenMP thread per core made step times swing up to 10x whenever anything
+else ran (a descheduled thread stalls every parallel region of the other, which spins), while one thread
+slows down only in proportion to the load. `--threads 0` keeps torch's default. With one thread, the CPU
+time of the process is what the wall time would be on an idle machine, so the ratio by CPU time is printed
+as well: when it and the wall-time ratio disagree, the machine was busy and the CPU-time one is the better
+estimate. The last line, `ratio_ours_over_hf=<x.xx>`, is the wall-time ratio. `--profile` also prints where
+a batch-32 decode step of ours spends its time (cProfile and torch.profiler).
 """
 
 from __future__ import annotations
@@ -97,19 +100,20 @@ def _sync(device: str) -> None:
 
 @contextmanager
 def _timer(device: str) -> Iterator[list[float]]:
-    """Yields a one-element list that holds the elapsed seconds after the block."""
-    box = [0.0]
+    """Yields a list that holds, after the block, its wall seconds and the CPU seconds this process used."""
+    box = [0.0, 0.0]
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     yield box
     _sync(device)
-    box[0] = time.perf_counter() - start
+    box[:] = time.perf_counter() - start, time.process_time() - cpu
 
 
 @dataclass(frozen=True)
 class ThroughputResult:
     name: str
     wall_s: float
+    cpu_s: float              # CPU time of this process (all its threads)
     useful_tokens: int        # each request's own output tokens
     generated_tokens: int     # output positions computed, counting those wasted on finished batch members
     prompt_tokens: int        # prompt positions computed, counting left padding
@@ -117,6 +121,10 @@ class ThroughputResult:
     @property
     def tokens_per_s(self) -> float:
         return self.useful_tokens / self.wall_s
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.useful_tokens / self.cpu_s
 
     @property
     def output_waste(self) -> float:
@@ -149,7 +157,7 @@ def engine_throughput(engine: Engine, prompts: list[list[int]], output_lens: lis
     got = [tokens[i] for i in ids]
     if [len(t) for t in got] != list(output_lens):
         raise RuntimeError("our engine did not produce each request's exact output length")
-    result = ThroughputResult("ours (continuous batching)", wall[0], sum(output_lens), sum(output_lens),
+    result = ThroughputResult("ours (continuous batching)", *wall, sum(output_lens), sum(output_lens),
                               sum(map(len, prompts)))
     return result, got
 
@@ -251,7 +259,7 @@ def hf_static_throughput(model, prompts: list[list[int]], output_lens: list[int]
             got += [row[:n] for row, n in zip(new, ns)]
             generated += len(ps) * max(ns)
             prompt_positions += ids.numel()
-    result = ThroughputResult(f"transformers generate (static batches of {batch_size})", wall[0],
+    result = ThroughputResult(f"transformers (static batches of {batch_size})", *wall,
                               sum(output_lens), generated, prompt_positions)
     return result, got
 
@@ -323,16 +331,25 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[int, floa
 
 @dataclass(frozen=True)
 class Comparison:
-    ours: ThroughputResult              # the fastest of the repeats
-    hf: ThroughputResult
-    ours_walls: list[float]             # every repeat, in order
-    hf_walls: list[float]
+    ours: list[ThroughputResult]        # every repeat, in order
+    hf: list[ThroughputResult]
     ours_tokens: list[list[int]]
     hf_tokens: list[list[int]]
 
+    @staticmethod
+    def _best(runs: list[ThroughputResult], seconds: str) -> float:
+        return max(r.useful_tokens / getattr(r, seconds) for r in runs)
+
     @property
     def ratio(self) -> float:
-        return self.ours.tokens_per_s / self.hf.tokens_per_s
+        """Throughput ratio over wall time, each side's fastest run."""
+        return self._best(self.ours, "wall_s") / self._best(self.hf, "wall_s")
+
+    @property
+    def cpu_ratio(self) -> float:
+        """Throughput ratio over CPU time, each side's cheapest run: with one thread, what the wall-time ratio
+        would be on an idle machine (time spent waiting for the CPU is not counted)."""
+        return self._best(self.ours, "cpu_s") / self._best(self.hf, "cpu_s")
 
 
 def compare_throughput(engine: Engine, model, work: Workload, hf_batch: int = 8, repeats: int = 2) -> Comparison:
@@ -347,10 +364,7 @@ def compare_throughput(engine: Engine, model, work: Workload, hf_batch: int = 8,
                 ours_runs.append(engine_throughput(engine, work.prompts, work.output_lens, tag=f"tp{i}"))
             else:
                 hf_runs.append(hf_static_throughput(model, work.prompts, work.output_lens, hf_batch))
-    ours, ours_tokens = min(ours_runs, key=lambda r: r[0].wall_s)
-    hf, hf_tokens = min(hf_runs, key=lambda r: r[0].wall_s)
-    return Comparison(ours, hf, [r[0].wall_s for r in ours_runs], [r[0].wall_s for r in hf_runs],
-                      ours_tokens, hf_tokens)
+    return Comparison([r for r, _ in ours_runs], [r for r, _ in hf_runs], ours_runs[0][1], hf_runs[0][1])
 
 
 def warm_up(engine: Engine, model, tokenizer) -> None:
@@ -391,14 +405,15 @@ def main(argv: list[str] | None = None) -> float:
     with torch.inference_mode():
         warm_up(engine, model, engine.tokenizer)
         cmp = compare_throughput(engine, model, work, args.hf_batch, args.repeats)
-        print(f"{'throughput (fastest of ' + str(args.repeats) + ')':<44}{'wall s':>8}{'all runs s':>14}"
-              f"{'useful tok':>12}{'tok/s':>9}{'output waste':>14}{'prompt pos':>12}")
-        for r, walls in ((cmp.ours, cmp.ours_walls), (cmp.hf, cmp.hf_walls)):
-            runs = " ".join(f"{w:.1f}" for w in walls)
-            print(f"{r.name:<44}{r.wall_s:>8.1f}{runs:>14}{r.useful_tokens:>12}{r.tokens_per_s:>9.1f}"
-                  f"{r.output_waste:>13.0%}{r.prompt_tokens:>12}")
+        print(f"{'throughput':<44}{'wall s':>8}{'cpu s':>8}"
+              f"{'useful tok':>12}{'tok/s':>8}{'tok/cpu-s':>11}{'output waste':>14}{'prompt pos':>12}")
+        for runs in (cmp.ours, cmp.hf):
+            for i, r in enumerate(runs, start=1):
+                print(f"{r.name + ', run ' + str(i):<44}{r.wall_s:>8.1f}{r.cpu_s:>8.1f}{r.useful_tokens:>12}"
+                      f"{r.tokens_per_s:>8.1f}{r.tokens_per_cpu_s:>11.1f}{r.output_waste:>13.0%}{r.prompt_tokens:>12}")
         print("(output waste: output positions computed for requests already done; prompt pos: prompt "
               "positions computed, left padding included)")
+        print(f"ours / transformers, best run each: {cmp.ratio:.2f}x by wall time, {cmp.cpu_ratio:.2f}x by CPU time")
         same, prefix = agreement(cmp.ours_tokens, cmp.hf_tokens)
         print(f"greedy agreement with transformers: {same}/{len(cmp.ours_tokens)} requests identical, "
               f"{prefix:.0%} of tokens before the first difference on average")

@@ -127,9 +127,9 @@ class Attention(nn.Module):
         out = torch.empty(t, h, d, dtype=x.dtype, device=x.device)
         nd = batch.num_decodes
         if nd:
-            tables = batch.decode_block_tables
-            kd = k_cache[tables].view(nd, -1, kvh, d).transpose(1, 2)
-            vd = v_cache[tables].view(nd, -1, kvh, d).transpose(1, 2)
+            flat = batch.decode_block_tables.view(-1)      # index_select: several times faster than k_cache[tables]
+            kd = k_cache.index_select(0, flat).view(nd, -1, kvh, d).transpose(1, 2)
+            vd = v_cache.index_select(0, flat).view(nd, -1, kvh, d).transpose(1, 2)
             od = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd, attn_mask=batch.decode_mask,
                                                 scale=self.scale, enable_gqa=True)
             out[:nd] = od.squeeze(2)
@@ -142,8 +142,8 @@ class Attention(nn.Module):
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale,
                                                     enable_gqa=True)
             else:
-                kp = k_cache[p.block_table].view(-1, kvh, d)[:p.context_len].transpose(0, 1).unsqueeze(0)
-                vp = v_cache[p.block_table].view(-1, kvh, d)[:p.context_len].transpose(0, 1).unsqueeze(0)
+                kp = k_cache.index_select(0, p.block_table).view(-1, kvh, d)[:p.context_len].transpose(0, 1)[None]
+                vp = v_cache.index_select(0, p.block_table).view(-1, kvh, d)[:p.context_len].transpose(0, 1)[None]
                 first = p.context_len - p.num_tokens
                 qpos = torch.arange(first, p.context_len, device=x.device)[:, None]
                 kpos = torch.arange(p.context_len, device=x.device)[None, :]
