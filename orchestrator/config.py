@@ -44,7 +44,9 @@ class ServeConfig(BaseModel):
     stream_idle_timeout_s: float = Field(300.0, gt=0, description="a stream with no token for this long fails")
     grace_period_s: float = Field(10.0, ge=0, description="shutdown: time in-flight requests get to finish")
     request_retries: int = Field(3, ge=0, description="times a request is resumed elsewhere when its instance dies")
-    instance_timeout_s: float = Field(5.0, gt=0, description="an instance silent this long is declared dead")
+    # a crashed instance is seen at once (Ray reports the actor dead); this is for one that hangs. Too short a
+    # value fences healthy instances on a saturated machine (seen at 5 s on 2 busy cores).
+    instance_timeout_s: float = Field(30.0, gt=0, description="an instance silent this long is declared dead")
     restart_dead_instances: bool = Field(False, description="replace an instance that died with a new one")
     state_store: str | None = Field(None, description="where target state lives: ray (GCS KV, default) or "
                                                       "redis://host:port/db")
