@@ -87,9 +87,9 @@ MAX_TOKENS = 400            # prompt + MAX_TOKENS <= max_model_len for a 4096-to
 WARM_TOKENS = 4             # tokens a request produces on an instance before it is moved on
 BACKGROUND = 4
 BACKGROUND_PROMPT = 64
-QUIET_STEPS = 4            # steps of A in each quiet window
+QUIET_STEPS = 4             # steps of A in each quiet window
 SETTLE_S = 0.02             # (c): how long the stream must stay unchanged after the abort
-POLL_S = 0.05              # how often the driver asks the sink how far a request got
+POLL_S = 0.05               # how often the driver asks the sink how far a request got
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 120.0      # one migration, one abort, one add
 TOKENS_TIMEOUT_S = 600.0    # a 4096-token prefill takes ~1 min on one busy core

@@ -56,13 +56,17 @@ class MigrationDestination:
             if len(self.inbound) >= self.config.max_concurrent:
                 raise MigrationAborted(MigrationState.ABORTED_DST,
                                        f"{len(self.inbound)} incoming migrations already (max_concurrent)")
-            inbound = self.inbound[migration_id] = Inbound(migration_id, request_id, src)
+            inbound = self.inbound[migration_id] = Inbound(migration_id, request_id, src, last_heard=self.clock())
+        inbound.last_heard = self.clock()
         try:
             ids = await self.port.reserve_blocks(n)
         except Exception as e:
             if not inbound.block_ids:
-                del self.inbound[migration_id]
+                self.inbound.pop(migration_id, None)
             raise MigrationAborted(MigrationState.ABORTED_DST, f"cannot reserve {n} blocks: {e}") from None
+        if self.inbound.get(migration_id) is not inbound:     # reaped or aborted while we waited for the blocks
+            await self.port.release_blocks(ids)
+            raise MigrationAborted(MigrationState.ABORTED_DST, f"migration {migration_id} expired while reserving")
         inbound.block_ids += ids
         inbound.last_heard = self.clock()
         return ids

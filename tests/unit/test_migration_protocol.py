@@ -235,3 +235,33 @@ def test_a_silent_source_leaves_a_reservation_that_the_watchdog_frees():
     clock[0] = 6.0
     assert asyncio.run(dst.half.reap()) == ["m9"]
     assert_clean(dst.engine)
+
+
+def test_a_reservation_reaped_while_it_waits_for_blocks_is_released_not_leaked():
+    """The reaper runs while reserve() waits for the destination's step to end (found by the downtime benchmark:
+    a new reservation looked silent since time 0 and its blocks leaked)."""
+    clock = [100.0]
+    dst = Destination(Engine(**ENGINE))
+    dst.half = MigrationDestination(dst, CONFIG.model_copy(update={"dst_idle_timeout_s": 5.0}),
+                                    RayObjectStoreTransport().receive, clock=lambda: clock[0])
+    gate = asyncio.Event()
+    inner = dst.reserve_blocks
+
+    async def slow_reserve(n):
+        await gate.wait()                      # the destination is busy with a step
+        return await inner(n)
+
+    dst.reserve_blocks = slow_reserve
+
+    async def scenario():
+        reserving = asyncio.ensure_future(dst.half.reserve("m1", "r", "src", 8))
+        await asyncio.sleep(0)
+        assert await dst.half.reap() == []     # a reservation in progress is not silent
+        clock[0] += 10                          # ... but one that waits past the idle timeout is
+        assert await dst.half.reap() == ["m1"]
+        gate.set()
+        with pytest.raises(MigrationAborted, match="expired"):
+            await reserving
+
+    asyncio.run(scenario())
+    assert_clean(dst.engine)
