@@ -197,7 +197,8 @@ def test_abort_at_any_point_of_a_migration_leaks_nothing(pair, sink, delay_s):
 def test_the_destination_killed_mid_copy_leaves_the_request_finishing_on_the_source(ray_local, sink, reference):
     with instances(("k-a", {}, dict(stage_pause_s=1.0)), ("k-b", {}, {})) as (a, b):
         p = prompt(11, n=600)
-        params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+        # long enough to outlive the 1 s stage pause on a fast machine (tiny-llama steps in ~2 ms)
+        params = SamplingParams(max_tokens=1400, temperature=0.0, ignore_eos=True)
         ray.get(a.add_request.remote("victim", p, params, 0, sink))
         wait_tokens(a, "victim", 2)
         migration = a.migrate_out.remote("victim", "k-b", b)
