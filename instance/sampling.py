@@ -111,8 +111,8 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
     return out
 
 
-def _sample_one(logits: torch.Tensor, row: SampleRow) -> int:
-    p = row.params
+def _kept(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Probabilities sorted in descending order, their token ids, and how many top-k / top-p / min-p keep."""
     probs = torch.softmax(logits / p.temperature, dim=-1)
     probs, ids = probs.sort(descending=True, stable=True)
     keep = probs.shape[0]
@@ -124,8 +124,34 @@ def _sample_one(logits: torch.Tensor, row: SampleRow) -> int:
         keep = min(keep, int((cum < p.top_p).sum().item()) + 1)
     if p.min_p > 0.0:
         keep = min(keep, max(1, int((probs[:keep] >= p.min_p * probs[0]).sum().item())))
-    probs = probs[:keep].double()
-    cum = probs.cumsum(0)
+    return probs, ids, keep
+
+
+def _sample_one(logits: torch.Tensor, row: SampleRow) -> int:
+    probs, ids, keep = _kept(logits, row.params)
+    cum = probs[:keep].double().cumsum(0)
     target = uniform_for(row.seed, row.index) * cum[-1].item()
     pick = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype), right=True).item())
     return int(ids[min(pick, keep - 1)].item())
+
+
+def draw_margin(logits: torch.Tensor, row: SampleRow) -> float:
+    """How far this row's choice is from flipping: for greedy, the gap between the two most likely tokens'
+    probabilities; for sampling, the distance from the seeded draw to the nearest boundary of the kept
+    tokens' cumulative mass (as a fraction of that mass), or from top_p to the nearest cumulative mass.
+
+    A request recomputed after a failure (prefill of prompt + streamed tokens, where the tokens were first
+    computed one decode step at a time) gets logits equal up to float rounding, so it draws the same tokens
+    except where this margin is of that order."""
+    logits = logits.float()
+    p = row.params
+    if p.greedy:
+        top = torch.softmax(logits, dim=-1).topk(2).values
+        return float(top[0] - top[1])
+    probs, _, keep = _kept(logits, p)
+    cum = probs[:keep].double().cumsum(0)
+    target = uniform_for(row.seed, row.index) * cum[-1].item()
+    margin = float((cum - target).abs().min() / cum[-1])
+    if p.top_p < 1.0:
+        margin = min(margin, float((probs[:keep + 1].double().cumsum(0) - p.top_p).abs().min()))
+    return margin

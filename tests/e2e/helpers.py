@@ -83,3 +83,40 @@ def request(prompt=None, token_ids=None, chat=None, max_tokens=16, temperature=0
 
 def tokens_of(chunks) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
+
+
+# A stream resumed by recompute re-prefills the tokens it had, which were first computed one decode step at a
+# time; on CPU the two paths agree to ~1e-5 in the logits, not bit for bit. So a resumed stream draws the same
+# tokens except at a near-tie: a draw whose margin (instance.sampling.draw_margin) is below this.
+NEAR_TIE = 1e-4
+
+
+def reference_with_margins(engine, prompt: str, params) -> tuple[list[int], list[float]]:
+    """The fault-free tokens of `prompt` on an in-process engine, and each draw's margin."""
+    import instance.model_runner as runner
+    from instance.sampling import draw_margin, sample
+
+    margins: dict[int, float] = {}
+
+    def recording(logits, rows):
+        for i, row in enumerate(rows):
+            margins[row.index] = draw_margin(logits[i], row)
+        return sample(logits, rows)
+
+    runner.sample = recording
+    try:
+        tokens = engine.generate([prompt], params)[0].new_token_ids
+    finally:
+        runner.sample = sample
+    return tokens, [margins[i] for i in range(len(tokens))]
+
+
+def assert_resumed_identically(got: list[int], expected: list[int], margins: list[float], what: str) -> None:
+    """Identical tokens; or, if they part, the first differing token was a near-tie draw in the fault-free run
+    (a divergence anywhere else is a bug: a lost, repeated or misnumbered token)."""
+    if got == expected:
+        return
+    assert len(got) == len(expected), f"{what}: {len(got)} tokens, expected {len(expected)}"
+    first = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+    assert margins[first] < NEAR_TIE, (f"{what}: token {first} differs ({got[first]} != {expected[first]}) and "
+                                       f"its draw was not a near-tie (margin {margins[first]:.2e})")
