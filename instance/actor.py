@@ -139,8 +139,10 @@ class InstanceActor:
 
     # ----- migration: source half ---------------------------------------------------------------------------
     async def migrate_out(self, request_id: str, dst_id: str, dst_actor: Any,
-                          migration_id: str | None = None) -> MigrationRecord:
-        """Move one request to `dst_actor`. Returns the final record; the request stays here unless committed."""
+                          migration_id: str | None = None, handoff: bool = False) -> MigrationRecord:
+        """Move one request to `dst_actor`. Returns the final record; the request stays here unless committed.
+        `handoff`: a prefill-to-decode hand-over (it may start during the prefill; it leaves after the first
+        token)."""
         record = MigrationRecord(migration_id or uuid.uuid4().hex[:12], request_id, self.instance_id, dst_id)
         if request_id in self.outgoing:
             record.state, record.reason = MigrationState.ABORTED_SRC, "a migration of this request is in flight"
@@ -153,7 +155,7 @@ class InstanceActor:
             self.outgoing[request_id] = record
             try:
                 peer = RayDestinationPeer(dst_id, dst_actor, self.migration.call_timeout_s)
-                await migrate_out(self, peer, self.transport, record, self.migration)
+                await migrate_out(self, peer, self.transport, record, self.migration, handoff)
             finally:
                 del self.outgoing[request_id]
         self.recent.append(record)
@@ -168,7 +170,7 @@ class InstanceActor:
             if info is None:
                 return None
             return RequestSnapshot(info.num_computed_tokens, info.block_ids, info.num_preemptions,
-                                   info.status == "suspended")
+                                   info.status == "suspended", info.num_output_tokens)
 
         return await self._between_steps(read)
 

@@ -10,6 +10,11 @@ aborts the migration: the destination releases its reservation, the request goes
     PENDING ─▶ COPYING(stage k) ─▶ LAST_STAGE ─▶ COMMITTED
         └──────────┴──────────────────┴────────▶ ABORTED_SRC | ABORTED_DST | ENDED (request finished)
 
+Hand-over (prefill/decode disaggregation) is the same protocol with one difference: it may start while the
+request is still being prefilled. Pre-copy stages then copy the prompt's blocks as the prefill fills them,
+and the last stage waits for the request's first token, whatever is left; so the copy overlaps the prefill
+and the request leaves right after its first token.
+
 This module only moves what it is told to move. Which request, from where to where, is policy
 (orchestrator/policies/migration.py).
 """
@@ -50,6 +55,8 @@ class MigrationConfig(BaseModel):
     max_concurrent: int = Field(4, ge=1, description="migrations in flight per instance, in and out each")
     stage_pause_s: float = Field(0.0, ge=0, description="pause between pre-copy stages, to cap interference")
     transport: str = Field("ray", description="how KV blocks travel: ray (object store)")
+    handoff_prefill_timeout_s: float = Field(120.0, gt=0, description="a hand-over whose request has not "
+                                             "finished its prefill this long after it started is abandoned")
 
 
 class MigrationAborted(Exception):
@@ -96,6 +103,7 @@ class RequestSnapshot:
     block_ids: tuple[int, ...]
     num_preemptions: int
     suspended: bool
+    num_output_tokens: int
 
 
 class SourcePort(Protocol):

@@ -30,11 +30,15 @@ def _check(snap: RequestSnapshot | None, preemptions: int) -> RequestSnapshot:
 
 
 async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTransport, record: MigrationRecord,
-                      config: MigrationConfig) -> MigrationRecord:
+                      config: MigrationConfig, handoff: bool = False) -> MigrationRecord:
     """Move record.request_id to `peer`. Returns the record in a final state; never raises for a failed
-    migration (the request then keeps running on the source, or has ended)."""
+    migration (the request then keeps running on the source, or has ended).
+
+    `handoff`: a prefill-to-decode hand-over. Pre-copy runs while the request is prefilled, and the last
+    stage comes as soon as it has its first token (see the module docstring of migration.protocol)."""
     rid, mid, bs = record.request_id, record.migration_id, port.block_size
     record.started_at = time.time()
+    prefill_deadline = time.monotonic() + config.handoff_prefill_timeout_s
     suspended = False
     try:
         snap = await port.snapshot(rid)
@@ -48,7 +52,14 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
         while True:
             full = snap.num_computed_tokens // bs          # full blocks no longer change
             delta = full - copied
-            if delta <= config.last_stage_max_blocks or record.stage >= config.max_stages:
+            if handoff and snap.num_output_tokens == 0:    # still in its prefill: copy what is done, or wait
+                if time.monotonic() > prefill_deadline:
+                    raise MigrationAborted(MigrationState.ABORTED_SRC, "the request's prefill did not finish "
+                                           f"within {config.handoff_prefill_timeout_s:g} s")
+                if delta == 0:
+                    snap = _check(await port.snapshot(rid), preemptions)   # returns after the next step
+                    continue
+            elif handoff or delta <= config.last_stage_max_blocks or record.stage >= config.max_stages:
                 break
             dst_ids = await peer.reserve(mid, rid, record.src, delta)
             blocks = await port.export(list(snap.block_ids[copied:full]))

@@ -3,7 +3,9 @@
     tidal serve     [--model M] [--instances N] [--port P] [--ray-address A] [--config FILE] ...
     tidal generate  "prompt" [--addr A] [--max-tokens N] [--temperature T] [--seed S] [--priority P]
     tidal status    [--addr A]
+    tidal bench replay --trace azure-conv|burstgpt|mooncake|FILE [--rate-scale X] [--duration S] [--addr A] ...
     tidal drain INSTANCE | undrain INSTANCE | rebalance | migrate REQUEST_ID [--to INSTANCE]
+    tidal set-role INSTANCE prefill|decode|both
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--restart-dead-instances", action="store_true", default=None,
                    help="replace an instance that died with a new one")
     p.add_argument("--state-store", help="ray (GCS internal KV, default) or redis://host:port/db")
+    p.add_argument("--prefill-instances", type=int,
+                   help="instances that only prefill and hand each request to a decode instance (default 0)")
+    p.add_argument("--decode-instances", type=int, help="instances that take hand-overs and decode (default 0); "
+                   "--instances defaults to prefill + decode, any more do both")
+    p.add_argument("--pd-adaptive", action="store_true", default=None,
+                   help="switch instances between prefill and decode by which one is the bottleneck")
 
 
 def _add_client(sub) -> None:
@@ -72,9 +80,18 @@ def _add_client(sub) -> None:
     m = sub.add_parser("migrate", help="live-migrate one running request")
     m.add_argument("request_id")
     m.add_argument("--to", help="destination instance (default: the scheduler picks)")
-    for p in (d, u, r, m):
+    sr = sub.add_parser("set-role", help="make an instance prefill, decode or both; what no longer fits moves")
+    sr.add_argument("instance")
+    sr.add_argument("role", choices=["prefill", "decode", "both"])
+    for p in (d, u, r, m, sr):
         p.add_argument("--addr", default=default_addr())
         p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+
+
+def _add_bench(sub) -> None:
+    from orchestrator.bench.replay import add_parser
+
+    add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_client(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -161,11 +179,12 @@ def format_status(instances) -> str:
     """A table of admin_pb2.Instance messages."""
     from tidal.v1 import admin_pb2
 
-    rows = [("INSTANCE", "NODE", "STATE", "RUNNING", "WAITING", "FREE/TOTAL BLOCKS", "TOKENS/S")]
+    rows = [("INSTANCE", "NODE", "STATE", "ROLE", "RUNNING", "WAITING", "FREE/TOTAL BLOCKS", "TOKENS/S")]
     for inst in instances:
         load = inst.load
         state = admin_pb2.InstanceState.Name(inst.state).removeprefix("INSTANCE_STATE_").lower()
-        rows.append((inst.instance_id, inst.node_ip or inst.node_id[:12], state, str(load.num_running),
+        role = admin_pb2.InstanceRole.Name(inst.role).removeprefix("INSTANCE_ROLE_").lower()
+        rows.append((inst.instance_id, inst.node_ip or inst.node_id[:12], state, role, str(load.num_running),
                      str(load.num_waiting), f"{load.free_blocks}/{load.total_blocks}", f"{load.tokens_per_s:.0f}"))
     return _table(rows)
 
@@ -249,6 +268,19 @@ def cmd_undrain(args) -> int:
     return 0
 
 
+def cmd_set_role(args) -> int:
+    from tidal.v1 import admin_pb2
+
+    role = admin_pb2.InstanceRole.Value(f"INSTANCE_ROLE_{args.role.upper()}")
+    try:
+        r = _admin(args, "SetRole", admin_pb2.SetRoleRequest(instance_id=args.instance, role=role))
+    except grpc.RpcError as e:
+        return _rpc_failed("set-role", args.addr, e)
+    before = admin_pb2.InstanceRole.Name(r.previous).removeprefix("INSTANCE_ROLE_").lower()
+    print(f"{args.instance}: {before} -> {args.role}")
+    return 0
+
+
 def cmd_rebalance(args) -> int:
     from tidal.v1 import admin_pb2
 
@@ -274,8 +306,15 @@ def cmd_migrate(args) -> int:
     return 0 if r.migration.state == admin_pb2.MIGRATION_STATE_COMMITTED else EXIT_FAILED
 
 
+def cmd_bench(args) -> int:
+    from orchestrator.bench.replay import main as bench_main
+
+    return bench_main(args)
+
+
 COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "status": cmd_status, "drain": cmd_drain,
-            "undrain": cmd_undrain, "rebalance": cmd_rebalance, "migrate": cmd_migrate}
+            "bench": cmd_bench,
+            "undrain": cmd_undrain, "rebalance": cmd_rebalance, "migrate": cmd_migrate, "set-role": cmd_set_role}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from instance.config import EngineConfig
 from migration.protocol import MigrationConfig
@@ -58,6 +58,42 @@ class ServeConfig(BaseModel):
     source_freeness: float = Field(8.0, description="below this freeness an instance gives work away")
     target_freeness: float = Field(24.0, description="above this freeness an instance takes work")
     drain_timeout_s: float = Field(300.0, gt=0, description="a drain gives up on what is left after this long")
+    # prefill/decode disaggregation: the first P instances prefill, the next D decode, any others do both
+    prefill_instances: int = Field(0, ge=0, le=256, description="instances that only prefill (hand over after "
+                                                                "the first token)")
+    decode_instances: int = Field(0, ge=0, le=256, description="instances that take hand-overs and decode")
+    pd_adaptive: bool = Field(False, description="move instances between prefill and decode by which is the "
+                                                 "bottleneck")
+    pd_queue_high: float = Field(2.0, gt=0, description="adaptive: queued prompts per prefill instance that make "
+                                                        "prefill the bottleneck")
+    pd_tpot_target_ms: float = Field(0.0, ge=0, description="adaptive: decode step time that makes decode the "
+                                                            "bottleneck (0: not used)")
+    pd_cooldown_s: float = Field(10.0, ge=0, description="adaptive: at least this long between role changes")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instances_from_roles(cls, data):
+        """`--prefill-instances 2 --decode-instances 2` alone means 4 instances."""
+        if isinstance(data, dict) and data.get("instances") is None:
+            roles = int(data.get("prefill_instances") or 0) + int(data.get("decode_instances") or 0)
+            if roles:
+                data = {**data, "instances": roles}
+        return data
+
+    @model_validator(mode="after")
+    def _roles_fit(self) -> "ServeConfig":
+        if self.prefill_instances + self.decode_instances > self.instances:
+            raise ValueError(f"prefill_instances ({self.prefill_instances}) + decode_instances "
+                             f"({self.decode_instances}) exceed instances ({self.instances})")
+        return self
+
+    def initial_role(self, index: int) -> str:
+        """Role of the index-th instance at start: prefill, decode, or both."""
+        if index < self.prefill_instances:
+            return "prefill"
+        if index < self.prefill_instances + self.decode_instances:
+            return "decode"
+        return "both"
 
     @property
     def gpus_per_instance(self) -> float:

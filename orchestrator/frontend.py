@@ -27,6 +27,7 @@ from instance.sampling import InvalidRequestError, SamplingParams, validate_requ
 from orchestrator.config import ServeConfig
 from orchestrator.errors import AdminError
 from orchestrator.policies.dispatch import Candidate, choose_instance
+from orchestrator.policies.pd import ROLES, takes_prompts
 from orchestrator.scheduler import DEAD, SERVING, InstanceView
 from tidal.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
@@ -46,6 +47,7 @@ INSTANCE_STATES = {
     "draining": admin_pb2.INSTANCE_STATE_DRAINING,
     "dead": admin_pb2.INSTANCE_STATE_DEAD,
 }
+INSTANCE_ROLES = {role: admin_pb2.InstanceRole.Value(f"INSTANCE_ROLE_{role.upper()}") for role in ROLES}
 
 
 class RpcError(Exception):
@@ -292,8 +294,9 @@ class Frontend:
                    if v.state == SERVING and v.status is not None and v.instance_id not in exclude]
         if not serving:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no instance is serving; retry later")
+        pool = set(takes_prompts({v.instance_id: v.role for v in serving}, [v.instance_id for v in serving]))
         candidates = []
-        for v in serving:
+        for v in (v for v in serving if v.instance_id in pool):
             pending = self.pending.get(v.instance_id, {})
             candidates.append(Candidate(v.instance_id, v.status.load, pending_requests=len(pending),
                                         pending_blocks=sum(p.blocks for p in pending.values()),
@@ -450,7 +453,7 @@ def migration_to_proto(r) -> admin_pb2.Migration:
 
 
 def view_to_proto(v: InstanceView) -> admin_pb2.Instance:
-    msg = admin_pb2.Instance(instance_id=v.instance_id, state=INSTANCE_STATES[v.state])
+    msg = admin_pb2.Instance(instance_id=v.instance_id, state=INSTANCE_STATES[v.state], role=INSTANCE_ROLES[v.role])
     if v.info is not None:
         msg.node_id, msg.node_ip, msg.model = v.info.node_id, v.info.node_ip, v.info.model
     if v.status is not None:
@@ -522,6 +525,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         in_flight, recent = await self._admin(context, "list_migrations")
         return admin_pb2.ListMigrationsResponse(in_flight=[migration_to_proto(r) for r in in_flight],
                                                 recent=[migration_to_proto(r) for r in recent])
+
+    async def SetRole(self, request, context):
+        role = {value: name for name, value in INSTANCE_ROLES.items()}.get(request.role)
+        if role is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"role: choose one of {', '.join(ROLES)} (got {request.role})")
+        previous = await self._admin(context, "set_role", request.instance_id, role)
+        return admin_pb2.SetRoleResponse(previous=INSTANCE_ROLES[previous], role=INSTANCE_ROLES[role])
 
     def _migration_timeout(self) -> float:
         m = self.fe.config.migration

@@ -6,7 +6,11 @@ guarded and timed so one failing step does not stop the others:
   1. observe   — poll each instance's status (one outstanding call per instance, never blocking the loop);
   2. decide    — the migration policy (pure, orchestrator/policies/migration.py) over the snapshots;
   3. act       — start the planned migrations (tracked, never awaited by the loop);
-  4. broadcast — push the instance table to every registered frontend, which dispatches on it locally.
+  4. pd        — prefill/decode disaggregation (orchestrator/policies/pd.py): hand requests from prefill
+                 instances to decode instances, send queued prompts back from decode instances, and (behind
+                 --pd-adaptive) switch an instance's role;
+  5. repair    — replace dead instances (--restart-dead-instances);
+  6. broadcast — push the instance table to every registered frontend, which dispatches on it locally.
 
 Admin operations (drain, undrain, rebalance, migrate) run beside the loop and use the same policies.
 """
@@ -31,6 +35,8 @@ from orchestrator.errors import failed_precondition, not_found
 from orchestrator.handles import InstanceHandle
 from orchestrator.policies.migration import (InstanceState, MigrationPolicyConfig, PlannedMove, plan_drain,
                                              plan_migrations)
+from orchestrator.policies.pd import (BOTH, DECODE, PREFILL, AdaptiveConfig, HandoffConfig, adapt_roles,
+                                      check_role, plan_handoffs, plan_prompt_returns, takes_decodes)
 from orchestrator.store import StateStore, open_store
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ class InstanceView:
     info: InstanceInfo | None
     status: InstanceStatus | None
     observed_at: float              # time.time() of the status, 0 if none yet
+    role: str = BOTH                # prefill | decode | both
 
 
 @dataclass(frozen=True)
@@ -63,12 +70,15 @@ class DrainReport:
 @dataclass
 class _Instance:
     handle: InstanceHandle
+    role: str = BOTH
     state: str = STARTING
     info: InstanceInfo | None = None
     status: InstanceStatus | None = None
     observed_at: float = 0.0
     poll: asyncio.Task | None = None
     poll_started: float = 0.0
+    poll_sent_at: float = 0.0       # time.time() the outstanding poll was sent
+    status_asked_at: float = 0.0    # time.time() the poll that returned `status` was sent
     failures: int = 0
     replacing: asyncio.Task | None = None
 
@@ -78,7 +88,7 @@ class _Instance:
 
     def view(self) -> InstanceView:
         return InstanceView(self.instance_id, self.handle.actor, self.state, self.info, self.status,
-                            self.observed_at)
+                            self.observed_at, self.role)
 
     def policy_state(self) -> InstanceState | None:
         if self.status is None or self.state == DEAD:
@@ -108,6 +118,13 @@ class GlobalScheduler:
         self.recent: deque[MigrationRecord] = deque(maxlen=RECENT_MIGRATIONS)
         self.last_move_at: dict[str, float] = {}
         self._last_rebalance = 0.0
+        self.handoff = HandoffConfig(max_per_source=cfg.migration.max_concurrent,
+                                     max_per_destination=cfg.migration.max_concurrent,
+                                     batch_slots=cfg.engine.max_num_seqs)
+        self.adaptive = AdaptiveConfig(queue_high=cfg.pd_queue_high, tpot_target_ms=cfg.pd_tpot_target_ms,
+                                       decode_freeness_low=cfg.source_freeness, cooldown_s=cfg.pd_cooldown_s)
+        self._last_role_change = -float("inf")
+        self._left: dict[str, tuple[str, float]] = {}     # request id -> (source, time.time()) of a committed move
         self.store: StateStore = open_store(cfg.state_store, cfg.deployment)
         self._start_lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
@@ -131,8 +148,12 @@ class GlobalScheduler:
                     await asyncio.to_thread(self._forget_state)
                 for i in range(cfg.instances):
                     iid = f"instance-{i}"
-                    self.instances[iid] = _Instance(InstanceHandle(iid, self._create_actor(iid), cfg.call_timeout_s))
-                log.info("starting %d instances of %s", cfg.instances, cfg.engine.model)
+                    self.instances[iid] = _Instance(InstanceHandle(iid, self._create_actor(iid), cfg.call_timeout_s),
+                                                    role=cfg.initial_role(i))
+                roles = [inst.role for inst in self.instances.values()]
+                log.info("starting %d instances of %s%s", cfg.instances, cfg.engine.model,
+                         f" ({roles.count(PREFILL)} prefill, {roles.count(DECODE)} decode, {roles.count(BOTH)} both)"
+                         if set(roles) != {BOTH} else "")
                 await asyncio.gather(*(self._start_instance(inst) for inst in self.instances.values()))
             for inst in self.instances.values():
                 await self._save(inst)
@@ -151,7 +172,7 @@ class GlobalScheduler:
                 actor = ray.get_actor(self.config.actor_name(iid), namespace=self.config.namespace)
             except ValueError:
                 actor = None
-            inst = _Instance(InstanceHandle(iid, actor, self.config.call_timeout_s))
+            inst = _Instance(InstanceHandle(iid, actor, self.config.call_timeout_s), role=rec.get("role", BOTH))
             self.instances[iid] = inst
             if actor is None:
                 inst.state = DEAD
@@ -167,10 +188,10 @@ class GlobalScheduler:
         return alive > 0
 
     async def _save(self, inst: _Instance) -> None:
-        """Persist an instance's target state (intent only: it exists, serving or draining)."""
+        """Persist an instance's target state (intent only: it exists, serving or draining, and its role)."""
         intent = DRAINING if inst.state == DRAINING else SERVING
         await asyncio.to_thread(self.store.put, f"instance/{inst.instance_id}",
-                                {"instance_id": inst.instance_id, "state": intent})
+                                {"instance_id": inst.instance_id, "state": intent, "role": inst.role})
 
     def _forget_state(self) -> None:
         for key in self.store.scan(""):
@@ -226,8 +247,8 @@ class GlobalScheduler:
     # ----- the reconcile loop ----------------------------------------------------------------------------------
     async def _reconcile_forever(self) -> None:
         interval = self.config.load_interval_s
-        steps = (("observe", self._observe), ("decide+act", self._auto_rebalance), ("repair", self._repair),
-                 ("broadcast", self._broadcast))
+        steps = (("observe", self._observe), ("decide+act", self._auto_rebalance), ("pd", self._pd_step),
+                 ("repair", self._repair), ("broadcast", self._broadcast))
         while not self._stopping:
             started = time.perf_counter()
             for name, step in steps:
@@ -252,7 +273,7 @@ class GlobalScheduler:
                 self._declare_dead(inst, f"no status report for {self.config.instance_timeout_s:.1f} s")
             if inst.poll is None and inst.state != DEAD:
                 inst.poll = asyncio.ensure_future(inst.handle.get_status())
-                inst.poll_started = now
+                inst.poll_started, inst.poll_sent_at = now, time.time()
 
     def _declare_dead(self, inst: _Instance, why: str) -> None:
         """Stop dispatching to it; frontends resume its requests elsewhere. Killed to be sure it stays quiet."""
@@ -274,7 +295,7 @@ class GlobalScheduler:
         iid = inst.instance_id
         await asyncio.sleep(1.0)          # let Ray release the dead actor's name
         log.info("restarting %s", iid)
-        fresh = _Instance(InstanceHandle(iid, self._create_actor(iid), self.config.call_timeout_s))
+        fresh = _Instance(InstanceHandle(iid, self._create_actor(iid), self.config.call_timeout_s), role=inst.role)
         self.instances[iid] = fresh
         try:
             await self._start_instance(fresh)
@@ -288,7 +309,7 @@ class GlobalScheduler:
         err = poll.exception()
         if err is None:
             inst.status = poll.result()
-            inst.observed_at = time.time()
+            inst.observed_at, inst.status_asked_at = time.time(), inst.poll_sent_at
             inst.failures = 0
             return
         inst.failures += 1
@@ -306,9 +327,73 @@ class GlobalScheduler:
             self._launch(move)
 
     def _plan(self, now: float) -> list[PlannedMove]:
-        states = [s for s in (inst.policy_state() for inst in self.instances.values()) if s is not None]
+        """Rebalancing among the instances that decode; prefill instances hand their requests over instead."""
+        states = [s for s in self._decode_states() if s.instance_id not in self._roles(PREFILL)]
         moves = plan_migrations(states, self.policy, now, self.last_move_at)
-        return [m for m in moves if m.request_id not in self.migrating]
+        busy = self._busy()
+        return [m for m in moves if m.request_id not in busy]
+
+    # ----- prefill/decode disaggregation ---------------------------------------------------------------------
+    def _roles(self, role: str) -> set[str]:
+        return {iid for iid, inst in self.instances.items() if inst.role == role}
+
+    def _states(self) -> list[InstanceState]:
+        return [s for s in (inst.policy_state() for inst in self.instances.values()) if s is not None]
+
+    def _decode_states(self) -> list[InstanceState]:
+        """Policy states of the live instances requests may decode on (decode and both), or of every live
+        instance if none of those serves: then prefill instances decode too."""
+        states = self._states()
+        serving = [s.instance_id for s in states if s.accepting]
+        pool = set(takes_decodes({i: inst.role for i, inst in self.instances.items()}, serving))
+        return [s for s in states if s.instance_id in pool] if pool else states
+
+    def _pd_step(self) -> None:
+        if self._roles(PREFILL) or self._roles(DECODE):
+            states = self._states()
+            prefill = [s for s in states if s.instance_id in self._roles(PREFILL) and s.accepting]
+            decode = [s for s in states if s.instance_id not in self._roles(PREFILL) and s.accepting]
+            busy = self._busy()
+            for move in plan_handoffs(prefill, decode, busy, self.handoff):
+                self._launch(move, handoff=True)
+            takers = [s for s in states if s.instance_id not in self._roles(DECODE) and s.accepting]
+            if takers:
+                for move in plan_prompt_returns([s for s in decode if s.instance_id in self._roles(DECODE)],
+                                                takers, busy | set(self.migrating), self.handoff.headroom_blocks):
+                    self._launch(move)
+        if self.config.pd_adaptive:
+            change = adapt_roles(self._states(), {i: inst.role for i, inst in self.instances.items()},
+                                 self.adaptive, time.monotonic(), self._last_role_change)
+            if change is not None:
+                self._last_role_change = time.monotonic()
+                log.info("adaptive roles: %s becomes %s: %s", change.instance_id, change.role, change.reason)
+                asyncio.ensure_future(self.set_role(change.instance_id, change.role))
+
+    def _busy(self) -> set[str]:
+        """Requests not to plan a move for: in flight, or moved since their source's last status (which
+        still lists them)."""
+        busy = set(self.migrating)
+        for rid, (src, at) in list(self._left.items()):
+            inst = self.instances.get(src)
+            if inst is None or inst.status_asked_at > at or time.time() - at > 30:
+                del self._left[rid]
+            else:
+                busy.add(rid)
+        return busy
+
+    async def set_role(self, instance_id: str, role: str) -> str:
+        """Give the instance a new role; returns the previous one. What no longer fits moves in the next
+        rounds of the pd step (decoding requests leave a prefill instance, queued prompts a decode one)."""
+        check_role(role)
+        inst = self._instance(instance_id)
+        if inst.state == DEAD:
+            raise failed_precondition(f"{instance_id} is dead; it has no role to change")
+        previous, inst.role = inst.role, role
+        if previous != role:
+            log.info("set-role %s: %s -> %s", instance_id, previous, role)
+            await self._save(inst)
+            await self._push_now()
+        return previous
 
     def _broadcast(self) -> None:
         views = self.list_instances()
@@ -337,25 +422,28 @@ class GlobalScheduler:
                 log.warning("pushing the instance table to a frontend failed: %r", r)
 
     # ----- migrations ------------------------------------------------------------------------------------------
-    def _launch(self, move: PlannedMove) -> asyncio.Task:
+    def _launch(self, move: PlannedMove, handoff: bool = False) -> asyncio.Task:
         log.info("migrate %s: %s", move.request_id, move.reason)
-        self.last_move_at[move.src] = self.last_move_at[move.dst] = time.monotonic()
-        task = asyncio.ensure_future(self._run_migration(move.request_id, move.src, move.dst))
+        if not handoff:         # hand-overs are part of serving a request, not rebalancing: no cooldown
+            self.last_move_at[move.src] = self.last_move_at[move.dst] = time.monotonic()
+        task = asyncio.ensure_future(self._run_migration(move.request_id, move.src, move.dst, handoff))
         self.migrating[move.request_id] = task
         task.add_done_callback(lambda _: self.migrating.pop(move.request_id, None))
         return task
 
-    async def _run_migration(self, request_id: str, src: str, dst: str) -> MigrationRecord:
+    async def _run_migration(self, request_id: str, src: str, dst: str, handoff: bool = False) -> MigrationRecord:
         mid = uuid.uuid4().hex[:12]
         cfg = self.config.migration
-        timeout = cfg.call_timeout_s * (cfg.max_stages + 4)
+        timeout = cfg.call_timeout_s * (cfg.max_stages + 4) + (cfg.handoff_prefill_timeout_s if handoff else 0)
         try:
             record = await asyncio.wait_for(
                 self.instances[src].handle.actor.migrate_out.remote(request_id, dst, self.instances[dst].handle.actor,
-                                                                    mid), timeout)
+                                                                    mid, handoff), timeout)
         except Exception as e:  # noqa: BLE001 - the source died or hung: report it, the failover path recovers
             record = MigrationRecord(mid, request_id, src, dst, MigrationState.ABORTED_SRC,
                                      reason=f"source unreachable: {type(e).__name__}", ended_at=time.time())
+        if record.state is MigrationState.COMMITTED:
+            self._left[request_id] = (src, time.time())
         self.recent.append(record)
         return record
 
@@ -385,8 +473,7 @@ class GlobalScheduler:
             if dst.state != SERVING:
                 raise failed_precondition(f"{to_instance} is {dst.state}; only a serving instance takes requests")
         else:
-            states = [s for s in (i.policy_state() for i in self.instances.values())
-                      if s is not None and s.instance_id != src.instance_id]
+            states = [s for s in self._decode_states() if s.instance_id != src.instance_id]
             moves, cannot = plan_drain(
                 InstanceState(src.instance_id, src.status.load, (info,), accepting=False), states, self.policy)
             if not moves:
@@ -429,8 +516,7 @@ class GlobalScheduler:
                     await asyncio.sleep(0.05)       # wait for migrations in flight
                     continue
                 break
-            others = [s for s in (i.policy_state() for i in self.instances.values())
-                      if s is not None and s.instance_id != instance_id]
+            others = [s for s in self._decode_states() if s.instance_id != instance_id]
             me = InstanceState(instance_id, inst.status.load, tuple(movable), accepting=False)
             moves, cannot = plan_drain(me, others, self.policy)
             for rid, reason in cannot:

@@ -34,7 +34,7 @@ class Source:
         self._hook("snapshot")
         info = self.engine.request_info(rid, with_blocks=True)
         return info and RequestSnapshot(info.num_computed_tokens, info.block_ids, info.num_preemptions,
-                                        info.status == "suspended")
+                                        info.status == "suspended", info.num_output_tokens)
 
     async def export(self, ids):
         self._hook("export")
@@ -265,3 +265,42 @@ def test_a_reservation_reaped_while_it_waits_for_blocks_is_released_not_leaked()
 
     asyncio.run(scenario())
     assert_clean(dst.engine)
+
+
+class SteppingSource(Source):
+    """A source whose engine runs one step before each snapshot, as the actor answers between steps."""
+
+    def __init__(self, engine: Engine):
+        super().__init__(engine)
+        self.streamed: list[int] = []
+
+    async def snapshot(self, rid):
+        self.streamed += [t for o in self.engine.step() for t in o.new_token_ids]
+        return await super().snapshot(rid)
+
+
+def test_a_hand_over_copies_the_prompt_during_its_prefill_and_leaves_after_the_first_token(reference):
+    src, dst = SteppingSource(Engine(**ENGINE)), Destination(Engine(**ENGINE))
+    p = [random.Random(3).randrange(256) for _ in range(300)]        # 5 prefill steps of 64 tokens
+    src.engine.add_request("r", prompt_token_ids=p, params=PARAMS)
+    src.engine.step()                                                 # admitted, 64 tokens computed
+    record = MigrationRecord("h1", "r", "src", "dst")
+    asyncio.run(migrate_out(src, dst, RayObjectStoreTransport(), record, CONFIG, handoff=True))
+    assert record.state is MigrationState.COMMITTED
+    assert record.stage >= 3                                  # stages ran while the prefill went on
+    assert sum(record.stage_blocks[:-1]) >= 300 // 4 - 16     # most of the prompt was copied before it left
+    assert len(src.streamed) == 1                             # it left right after its first token
+    assert src.streamed + finish(dst.engine) == reference.generate([p], PARAMS)[0].new_token_ids
+    assert_clean(src.engine, dst.engine)
+
+
+def test_a_hand_over_whose_prefill_never_finishes_gives_up_cleanly():
+    src, dst = Source(Engine(**ENGINE)), Destination(Engine(**ENGINE))   # never steps: the prefill stalls
+    src.engine.add_request("r", prompt_token_ids=[5] * 100, params=PARAMS)
+    record = MigrationRecord("h2", "r", "src", "dst")
+    config = CONFIG.model_copy(update={"handoff_prefill_timeout_s": 0.05})
+    asyncio.run(migrate_out(src, dst, RayObjectStoreTransport(), record, config, handoff=True))
+    assert record.state is MigrationState.ABORTED_SRC and "prefill did not finish" in record.reason
+    assert "r" in src.engine.requests and dst.engine.pool.num_free == dst.engine.pool.num_blocks
+    src.engine.abort("r")
+    assert_clean(src.engine, dst.engine)

@@ -7,6 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class InstanceRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INSTANCE_ROLE_UNSPECIFIED: _ClassVar[InstanceRole]
+    INSTANCE_ROLE_BOTH: _ClassVar[InstanceRole]
+    INSTANCE_ROLE_PREFILL: _ClassVar[InstanceRole]
+    INSTANCE_ROLE_DECODE: _ClassVar[InstanceRole]
+
 class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INSTANCE_STATE_UNSPECIFIED: _ClassVar[InstanceState]
@@ -25,6 +32,10 @@ class MigrationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MIGRATION_STATE_ABORTED_SRC: _ClassVar[MigrationState]
     MIGRATION_STATE_ABORTED_DST: _ClassVar[MigrationState]
     MIGRATION_STATE_ENDED: _ClassVar[MigrationState]
+INSTANCE_ROLE_UNSPECIFIED: InstanceRole
+INSTANCE_ROLE_BOTH: InstanceRole
+INSTANCE_ROLE_PREFILL: InstanceRole
+INSTANCE_ROLE_DECODE: InstanceRole
 INSTANCE_STATE_UNSPECIFIED: InstanceState
 INSTANCE_STATE_STARTING: InstanceState
 INSTANCE_STATE_SERVING: InstanceState
@@ -74,7 +85,7 @@ class InstanceLoad(_message.Message):
     def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_preempted: _Optional[int] = ..., num_suspended: _Optional[int] = ..., head_demand_blocks: _Optional[int] = ..., waiting_demand_blocks: _Optional[int] = ..., running_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., num_preemptions_total: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "node_id", "node_ip", "state", "model", "load", "load_age_s")
+    __slots__ = ("instance_id", "node_id", "node_ip", "state", "model", "load", "load_age_s", "role")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_IP_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +93,7 @@ class Instance(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LOAD_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     node_id: str
     node_ip: str
@@ -89,7 +101,8 @@ class Instance(_message.Message):
     model: str
     load: InstanceLoad
     load_age_s: float
-    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., model: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., load_age_s: _Optional[float] = ...) -> None: ...
+    role: InstanceRole
+    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., model: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., load_age_s: _Optional[float] = ..., role: _Optional[_Union[InstanceRole, str]] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
     __slots__ = ()
@@ -212,3 +225,19 @@ class ListMigrationsResponse(_message.Message):
     in_flight: _containers.RepeatedCompositeFieldContainer[Migration]
     recent: _containers.RepeatedCompositeFieldContainer[Migration]
     def __init__(self, in_flight: _Optional[_Iterable[_Union[Migration, _Mapping]]] = ..., recent: _Optional[_Iterable[_Union[Migration, _Mapping]]] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("instance_id", "role")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    role: InstanceRole
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ...) -> None: ...
+
+class SetRoleResponse(_message.Message):
+    __slots__ = ("previous", "role")
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    previous: InstanceRole
+    role: InstanceRole
+    def __init__(self, previous: _Optional[_Union[InstanceRole, str]] = ..., role: _Optional[_Union[InstanceRole, str]] = ...) -> None: ...

@@ -70,6 +70,11 @@ class AdminServiceStub:
                 request_serializer=tidal_dot_v1_dot_admin__pb2.ListMigrationsRequest.SerializeToString,
                 response_deserializer=tidal_dot_v1_dot_admin__pb2.ListMigrationsResponse.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/tidal.v1.AdminService/SetRole',
+                request_serializer=tidal_dot_v1_dot_admin__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=tidal_dot_v1_dot_admin__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -126,6 +131,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Change what an instance does (prefill/decode disaggregation). Requests that no longer fit the new role
+        move away: decoding requests leave a prefill instance, queued prompts leave a decode instance.
+        NOT_FOUND unknown id; INVALID_ARGUMENT unspecified role; FAILED_PRECONDITION the instance is dead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +177,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListMigrations,
                     request_deserializer=tidal_dot_v1_dot_admin__pb2.ListMigrationsRequest.FromString,
                     response_serializer=tidal_dot_v1_dot_admin__pb2.ListMigrationsResponse.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=tidal_dot_v1_dot_admin__pb2.SetRoleRequest.FromString,
+                    response_serializer=tidal_dot_v1_dot_admin__pb2.SetRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +374,33 @@ class AdminService:
             '/tidal.v1.AdminService/ListMigrations',
             tidal_dot_v1_dot_admin__pb2.ListMigrationsRequest.SerializeToString,
             tidal_dot_v1_dot_admin__pb2.ListMigrationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidal.v1.AdminService/SetRole',
+            tidal_dot_v1_dot_admin__pb2.SetRoleRequest.SerializeToString,
+            tidal_dot_v1_dot_admin__pb2.SetRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

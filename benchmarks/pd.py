@@ -1,0 +1,227 @@
+"""Prefill/decode disaggregation against colocated serving: SmolLM2-135M, 4 instances on CPU, requests with
+the prompt and output lengths and the arrival pattern of the Azure LLM conversation trace.
+
+    python -m benchmarks.pd [--rates 0.5 1 2] [--requests 60] [--configs colocated pd adaptive]
+                            [--max-prompt 768] [--max-output 128]
+
+Trace: azure_llm_2023/AzureLLMInferenceTrace_conv.csv (Azure/AzurePublicDataset, the conversation trace of
+Splitwise, Patel et al., ISCA 2024, CC-BY 4.0; see ../shared/data/azure_llm_2023/SOURCE.md), read through
+`benchmarks.traces`. `--requests` consecutive rows from row 1000 on (a busy stretch of the trace); their
+lengths scaled by one factor so the 99th percentiles fit `--max-prompt`/`--max-output` (mean prompt 212
+tokens, mean output 39 with the defaults), their arrival times scaled so the mean rate is each `--rates`
+value (the trace's burstiness is kept). Prompts are `synthetic_prompt` token ids of the traced length,
+greedy, EOS ignored, so every request generates exactly its traced output length.
+
+Configurations, each a fresh deployment of 4 instances (one CPU and one torch thread each, 0.25 GiB of KV):
+- colocated: 4 x both, dispatch by freeness, auto-migration on (Tidal's default);
+- pd: 2 prefill + 2 decode (hand-over after the first token, decode instances balance among themselves);
+- adaptive: starts as pd, with --pd-adaptive (an instance changes role when prefill or decode is the
+  bottleneck).
+
+Per request: TTFT = first token received - sent; TPOT = (last token - first token) / (tokens - 1). SLOs,
+calibrated at start on the colocated deployment with no other load: TTFT <= 5 x the median prefill time
+(TTFT of a median-length prompt alone) and TPOT <= 1.5 x the median decode step (TPOT of one request
+alone). GOODPUT = requests that met both SLOs / seconds from the first send to the last token. The table
+has P50/P99 TTFT and TPOT, SLO attainment and goodput per configuration and rate. The last line is
+    goodput_ratio_pd_over_colocated=<best pd goodput over the rates / best colocated goodput>
+    goodput_ratio_adaptive_over_colocated=<the same for adaptive>
+(best = the rate at which that configuration's goodput is highest).
+
+This machine is shared and noisy (2 cores for 4 instances): compare configurations within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+import ray
+
+from benchmarks.traces import TraceRequest, load_trace, scale_lengths, synthetic_prompt
+from instance.config import EngineConfig
+from instance.model.loader import load_tokenizer
+from orchestrator.config import ServeConfig
+from orchestrator.deployment import Deployment
+from tidal.v1 import generation_pb2, generation_pb2_grpc
+
+FIRST_ROW = 1000
+STREAM_TIMEOUT_S = 600.0
+CONFIGS = {
+    "colocated": dict(),
+    "pd": dict(prefill_instances=2, decode_instances=2),
+    "adaptive": dict(prefill_instances=2, decode_instances=2, pd_adaptive=True, pd_cooldown_s=5.0),
+}
+
+
+@dataclass
+class Result:
+    sent: float
+    first: float | None
+    last: float | None
+    tokens: int
+    error: str = ""
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.last - self.first) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+def workload(n: int, max_prompt: int, max_output: int) -> list[TraceRequest]:
+    rows = load_trace("azure-conv")[FIRST_ROW:FIRST_ROW + n]
+    return scale_lengths(rows, max_prompt, max_output)
+
+
+def at_rate(rows: list[TraceRequest], rate: float) -> list[float]:
+    """Send offsets in seconds: the trace's inter-arrival pattern, stretched to a mean rate of `rate`/s."""
+    t0 = rows[0].arrival_s
+    span = rows[-1].arrival_s - t0
+    k = (len(rows) - 1) / rate / span if span > 0 else 0.0
+    return [(r.arrival_s - t0) * k for r in rows]
+
+
+async def one(stub, ids: list[int], max_tokens: int, delay: float, start: float) -> Result:
+    await asyncio.sleep(max(0.0, start + delay - time.monotonic()))
+    req = generation_pb2.GenerateRequest(sampling=generation_pb2.SamplingParams(temperature=0.0, ignore_eos=True),
+                                         max_tokens=max_tokens)
+    req.token_ids.ids.extend(ids)
+    res = Result(time.monotonic(), None, None, 0)
+    try:
+        async for chunk in stub.Generate(req, timeout=STREAM_TIMEOUT_S):
+            now = time.monotonic()
+            if chunk.token_ids:
+                res.first = res.first or now
+                res.last = now
+                res.tokens += len(chunk.token_ids)
+    except grpc.aio.AioRpcError as e:
+        res.error = f"{e.code().name}: {e.details()}"
+    return res
+
+
+async def replay(addr: str, prompts: list[list[int]], outputs: list[int], offsets: list[float]) -> list[Result]:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        start = time.monotonic() + 0.2
+        return await asyncio.gather(*(one(stub, p, o, d, start) for p, o, d in zip(prompts, outputs, offsets)))
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
+
+
+@dataclass
+class Row:
+    config: str
+    rate: float
+    ttft_p50: float
+    ttft_p99: float
+    tpot_p50: float
+    tpot_p99: float
+    attained: float
+    goodput: float
+    errors: int
+
+
+def summarize(config: str, rate: float, results: list[Result], slo_ttft: float, slo_tpot: float) -> Row:
+    ok = [r for r in results if not r.error and r.first is not None]
+    ttfts = [r.ttft for r in ok]
+    tpots = [r.tpot for r in ok if r.tpot is not None]
+    good = [r for r in ok if r.ttft <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
+    span = max(r.last for r in ok) - min(r.sent for r in results) if ok else float("nan")
+    return Row(config, rate, pct(ttfts, 50), pct(ttfts, 99), pct(tpots, 50), pct(tpots, 99),
+               len(good) / len(results), len(good) / span, len(results) - len(ok))
+
+
+def calibrate(addr: str, prompt: list[int], repeats: int = 3) -> tuple[float, float]:
+    """(median prefill time, median decode step), in seconds, of requests alone on the deployment."""
+    prefill, step = [], []
+    for _ in range(repeats):
+        prefill.append(asyncio.run(replay(addr, [prompt], [1], [0.0]))[0].ttft)
+        step.append(asyncio.run(replay(addr, [prompt[:16]], [32], [0.0]))[0].tpot)
+    return statistics.median(prefill), statistics.median(step)
+
+
+def deploy(name: str, model: str, extra: dict) -> Deployment:
+    cfg = ServeConfig(engine=EngineConfig(model=model, max_model_len=1024, kv_cache_gib=0.25), instances=4,
+                      host="127.0.0.1", port=0, deployment=f"bench-pd-{name}", namespace="tidal-bench",
+                      grace_period_s=2.0, **extra)
+    d = Deployment(cfg)
+    d.start()
+    return d
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="requests per second")
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--max-prompt", type=int, default=768)
+    parser.add_argument("--max-output", type=int, default=128)
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    rows = workload(args.requests, args.max_prompt, args.max_output)
+    tokenizer = load_tokenizer(args.model)
+    prompts = [synthetic_prompt(tokenizer, r.prompt_tokens, seed=i) for i, r in enumerate(rows)]
+    outputs = [r.output_tokens for r in rows]
+    print(f"pd: {args.model}, 4 instances, {len(rows)} requests of azure-conv rows {FIRST_ROW}.., prompt "
+          f"mean {statistics.mean(len(p) for p in prompts):.0f} / median {statistics.median(len(p) for p in prompts):.0f}"
+          f" tokens, output mean {statistics.mean(outputs):.0f} tokens; rates {args.rates}/s", flush=True)
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), namespace="tidal-bench", include_dashboard=False,
+             log_to_driver=False, logging_level=logging.WARNING)
+    median_prompt = prompts[sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[len(prompts) // 2]]
+    table: list[Row] = []
+    slo_ttft = slo_tpot = None
+    try:
+        for name in args.configs:
+            d = deploy(name, args.model, CONFIGS[name])
+            addr = f"127.0.0.1:{d.port}"
+            try:
+                if slo_ttft is None:
+                    prefill, step = calibrate(addr, median_prompt)
+                    slo_ttft, slo_tpot = 5 * prefill, 1.5 * step
+                    print(f"SLOs: TTFT <= 5 x {prefill * 1e3:.0f} ms = {slo_ttft * 1e3:.0f} ms (median prefill "
+                          f"alone, {len(median_prompt)} tokens); TPOT <= 1.5 x {step * 1e3:.0f} ms = "
+                          f"{slo_tpot * 1e3:.0f} ms (decode step alone)", flush=True)
+                for rate in args.rates:
+                    results = asyncio.run(replay(addr, prompts, outputs, at_rate(rows, rate)))
+                    row = summarize(name, rate, results, slo_ttft, slo_tpot)
+                    table.append(row)
+                    print(f"  {name:>9} {rate:5.2f}/s: TTFT p50 {row.ttft_p50:6.2f} s p99 {row.ttft_p99:6.2f} s, "
+                          f"TPOT p50 {row.tpot_p50 * 1e3:5.0f} ms p99 {row.tpot_p99 * 1e3:5.0f} ms, "
+                          f"SLO met {row.attained:4.0%}, goodput {row.goodput:.3f}/s, errors {row.errors}", flush=True)
+            finally:
+                d.stop()
+    finally:
+        ray.shutdown()
+
+    print(f"\n{'config':>10} {'rate/s':>6} {'TTFT p50 s':>10} {'TTFT p99 s':>10} {'TPOT p50 ms':>11} "
+          f"{'TPOT p99 ms':>11} {'SLO met':>7} {'goodput/s':>9} {'errors':>6}")
+    for r in table:
+        print(f"{r.config:>10} {r.rate:>6.2f} {r.ttft_p50:>10.2f} {r.ttft_p99:>10.2f} {r.tpot_p50 * 1e3:>11.0f} "
+              f"{r.tpot_p99 * 1e3:>11.0f} {r.attained:>7.0%} {r.goodput:>9.3f} {r.errors:>6}")
+
+    def best(config: str) -> float:
+        return max((r.goodput for r in table if r.config == config), default=float("nan"))
+
+    base = best("colocated")
+    print(" ".join(f"goodput_ratio_{c}_over_colocated={best(c) / base:.2f}" for c in args.configs
+                   if c != "colocated"))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
