@@ -68,7 +68,8 @@ def plan_handoffs(prefill: list[InstanceState], decode: list[InstanceState], in_
     score = {d.instance_id: freeness(Candidate(d.instance_id, d.load)) for d in decode}
     moves: list[PlannedMove] = []
     for src in prefill:
-        budget = cfg.max_per_source - src.migrations_out - sum(r.request_id in in_flight for r in src.requests)
+        # the status may not show the scheduler's latest launches yet, nor the scheduler its last ends
+        budget = cfg.max_per_source - max(src.migrations_out, sum(r.request_id in in_flight for r in src.requests))
         for req in src.requests:
             if budget <= 0:
                 break

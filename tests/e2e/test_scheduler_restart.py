@@ -12,8 +12,9 @@ from tests.redis_server import RedisServer
 from tidal.v1 import admin_pb2, generation_pb2
 
 
-def table(c) -> dict[str, str]:
-    return {v.instance_id: v.state for v in ray.get(c.deployment.scheduler.list_instances.remote(), timeout=60)}
+def table(c) -> dict[str, tuple[str, str]]:
+    return {v.instance_id: (v.state, v.role)
+            for v in ray.get(c.deployment.scheduler.list_instances.remote(), timeout=60)}
 
 
 @pytest.mark.parametrize("store", ["ray", "redis"])
@@ -26,8 +27,11 @@ def test_killing_the_scheduler_under_load_keeps_serving_and_it_comes_back_with_i
         with deployment(f"e2e-sched-{store}", instances=3, auto_migrate=False,
                         state_store=redis.url if redis else None) as c:
             c.admin.DrainInstance(admin_pb2.DrainInstanceRequest(instance_id="instance-2"), timeout=60)
+            c.admin.SetRole(admin_pb2.SetRoleRequest(instance_id="instance-1", role=admin_pb2.INSTANCE_ROLE_DECODE),
+                            timeout=30)
             before = table(c)
-            assert before == {"instance-0": "serving", "instance-1": "serving", "instance-2": "draining"}
+            assert before == {"instance-0": ("serving", "both"), "instance-1": ("serving", "decode"),
+                              "instance-2": ("draining", "both")}
             with ThreadPoolExecutor(6) as pool:
                 futures = [pool.submit(c.generate, timeout=120, prompt=f"under load {i}", max_tokens=400,
                                        ignore_eos=True) for i in range(3)]
@@ -57,7 +61,7 @@ def test_killing_the_scheduler_under_load_keeps_serving_and_it_comes_back_with_i
                 assert time.monotonic() < deadline, "the frontend never got tables from the restarted scheduler"
                 time.sleep(0.1)
             c.admin.UndrainInstance(admin_pb2.UndrainInstanceRequest(instance_id="instance-2"), timeout=30)
-            assert table(c)["instance-2"] == "serving"
+            assert table(c)["instance-2"] == ("serving", "both")
             c.wait_all_blocks_free()
     finally:
         if redis:

@@ -75,7 +75,9 @@ def test_hand_overs_respect_in_flight_limits_and_skip_moving_requests():
     p = inst("p", 50, req("a"), req("b"), req("c"), out=1)
     d = inst("d", 90, in_=0)
     cfg = HandoffConfig(max_per_source=2, max_per_destination=4)
-    assert moves(plan_handoffs([p], [d], {"a"}, cfg)) == []               # 1 in status + "a" in flight = 2
+    # the status shows one out, the scheduler knows of "a": that is the same one, so one more may go
+    assert moves(plan_handoffs([p], [d], {"a"}, cfg)) == [("b", "p", "d")]
+    assert moves(plan_handoffs([p], [d], {"a", "b"}, cfg)) == []
     assert moves(plan_handoffs([p], [d], set(), cfg)) == [("a", "p", "d")]
     busy_dst = inst("d", 90, in_=4)
     assert plan_handoffs([inst("p", 50, req("a"))], [busy_dst], set(), cfg) == []
