@@ -9,8 +9,9 @@ Splitwise, Patel et al., ISCA 2024, CC-BY 4.0; see ../shared/data/azure_llm_2023
 `benchmarks.traces`. `--requests` consecutive rows from row 1000 on (a busy stretch of the trace); their
 lengths scaled by one factor so the 99th percentiles fit `--max-prompt`/`--max-output` (mean prompt 212
 tokens, mean output 39 with the defaults), their arrival times scaled so the mean rate is each `--rates`
-value (the trace's burstiness is kept). Prompts are `synthetic_prompt` token ids of the traced length,
-greedy, EOS ignored, so every request generates exactly its traced output length.
+value (the trace's burstiness is kept). They are sent by the engine of `tidal bench replay`
+(orchestrator/bench): prompts are token ids of the traced length (windows of one `synthetic_prompt`
+passage), greedy, EOS ignored, so every request generates exactly its traced output length.
 
 Configurations, each a fresh deployment of 4 instances (one CPU and one torch thread each, 0.25 GiB of KV):
 - colocated: 4 x both, dispatch by freeness, auto-migration on (Tidal's default);
@@ -18,7 +19,8 @@ Configurations, each a fresh deployment of 4 instances (one CPU and one torch th
 - adaptive: starts as pd, with --pd-adaptive (an instance changes role when prefill or decode is the
   bottleneck).
 
-Per request: TTFT = first token received - sent; TPOT = (last token - first token) / (tokens - 1). SLOs,
+Per request (orchestrator/bench/stats.py): TTFT = first token received - sent; TPOT = (last message -
+first token) / (tokens - 1). SLOs,
 calibrated at start on the colocated deployment with no other load: TTFT <= 5 x the median prefill time
 (TTFT of a median-length prompt alone) and TPOT <= X x the median decode step (TPOT of one request alone),
 for each X of `--slo-tpot-x`: 1.5 (the strict SLO) and 4 (four instances share two cores here, so every
@@ -41,18 +43,19 @@ import logging
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 
 import grpc
 import ray
 
-from benchmarks.traces import TraceRequest, load_trace, scale_lengths, synthetic_prompt
+from benchmarks.traces import TraceRequest, load_trace, scale_lengths
 from instance.config import EngineConfig
 from instance.model.loader import load_tokenizer
+from orchestrator.bench.replay import Progress, PromptSource, Replay
+from orchestrator.bench.schedule import PlannedRequest
+from orchestrator.bench.stats import RequestRecord, Slo, summarize
 from orchestrator.config import ServeConfig
 from orchestrator.deployment import Deployment
-from tidal.v1 import generation_pb2, generation_pb2_grpc
 
 FIRST_ROW = 1000
 STREAM_TIMEOUT_S = 600.0
@@ -63,66 +66,29 @@ CONFIGS = {
 }
 
 
-@dataclass
-class Result:
-    sent: float
-    first: float | None
-    last: float | None
-    tokens: int
-    error: str = ""
-
-    @property
-    def ttft(self) -> float:
-        return self.first - self.sent
-
-    @property
-    def tpot(self) -> float | None:
-        return (self.last - self.first) / (self.tokens - 1) if self.tokens > 1 else None
-
-
 def workload(n: int, max_prompt: int, max_output: int) -> list[TraceRequest]:
     rows = load_trace("azure-conv")[FIRST_ROW:FIRST_ROW + n]
     return scale_lengths(rows, max_prompt, max_output)
 
 
-def at_rate(rows: list[TraceRequest], rate: float) -> list[float]:
-    """Send offsets in seconds: the trace's inter-arrival pattern, stretched to a mean rate of `rate`/s."""
+def at_rate(rows: list[TraceRequest], rate: float) -> list[PlannedRequest]:
+    """The rows as requests sent with the trace's inter-arrival pattern, stretched to a mean rate of `rate`/s."""
     t0 = rows[0].arrival_s
     span = rows[-1].arrival_s - t0
     k = (len(rows) - 1) / rate / span if span > 0 else 0.0
-    return [(r.arrival_s - t0) * k for r in rows]
+    return [PlannedRequest(i, (r.arrival_s - t0) * k, r.prompt_tokens, r.output_tokens) for i, r in enumerate(rows)]
 
 
-async def one(stub, ids: list[int], max_tokens: int, delay: float, start: float) -> Result:
-    await asyncio.sleep(max(0.0, start + delay - time.monotonic()))
-    req = generation_pb2.GenerateRequest(sampling=generation_pb2.SamplingParams(temperature=0.0, ignore_eos=True),
-                                         max_tokens=max_tokens)
-    req.token_ids.ids.extend(ids)
-    res = Result(time.monotonic(), None, None, 0)
-    try:
-        async for chunk in stub.Generate(req, timeout=STREAM_TIMEOUT_S):
-            now = time.monotonic()
-            if chunk.token_ids:
-                res.first = res.first or now
-                res.last = now
-                res.tokens += len(chunk.token_ids)
-    except grpc.aio.AioRpcError as e:
-        res.error = f"{e.code().name}: {e.details()}"
-    return res
+def replay(addr: str, plan: list[PlannedRequest], prompts: PromptSource) -> list[RequestRecord]:
+    """Send the plan over gRPC (the `tidal bench replay` engine) and return what the client saw."""
+    run = Replay(plan, prompts, STREAM_TIMEOUT_S, Progress(len(plan), enabled=False))
 
+    async def go() -> None:
+        async with grpc.aio.insecure_channel(addr) as channel:
+            await run.run(channel)
 
-async def replay(addr: str, prompts: list[list[int]], outputs: list[int], offsets: list[float]) -> list[Result]:
-    async with grpc.aio.insecure_channel(addr) as channel:
-        stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        start = time.monotonic() + 0.2
-        return await asyncio.gather(*(one(stub, p, o, d, start) for p, o, d in zip(prompts, outputs, offsets)))
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
+    asyncio.run(go())
+    return run.records
 
 
 @dataclass
@@ -130,7 +96,7 @@ class Row:
     config: str
     rate: float
     slo_tpot_x: float
-    ttft_p50: float
+    ttft_p50: float      # seconds
     ttft_p99: float
     tpot_p50: float
     tpot_p99: float
@@ -139,22 +105,22 @@ class Row:
     errors: int
 
 
-def summarize(config: str, rate: float, x: float, results: list[Result], slo_ttft: float, slo_tpot: float) -> Row:
-    ok = [r for r in results if not r.error and r.first is not None]
-    ttfts = [r.ttft for r in ok]
-    tpots = [r.tpot for r in ok if r.tpot is not None]
-    good = [r for r in ok if r.ttft <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
-    span = max(r.last for r in ok) - min(r.sent for r in results) if ok else float("nan")
-    return Row(config, rate, x, pct(ttfts, 50), pct(ttfts, 99), pct(tpots, 50), pct(tpots, 99),
-               len(good) / len(results), len(good) / span, len(results) - len(ok))
+def summarize_row(config: str, rate: float, x: float, records: list[RequestRecord], slo: Slo) -> Row:
+    s = summarize(records, slo)
+    nan = float("nan")
+    return Row(config, rate, x, s.ttft.p50 / 1e3 if s.ttft else nan, s.ttft.p99 / 1e3 if s.ttft else nan,
+               s.tpot.p50 / 1e3 if s.tpot else nan, s.tpot.p99 / 1e3 if s.tpot else nan, s.slo_attained, s.goodput,
+               s.requests - s.completed)
 
 
-def calibrate(addr: str, prompt: list[int], repeats: int = 3) -> tuple[float, float]:
+def calibrate(addr: str, prompts: PromptSource, prompt_tokens: int, repeats: int = 3) -> tuple[float, float]:
     """(median prefill time, median decode step), in seconds, of requests alone on the deployment."""
     prefill, step = [], []
-    for _ in range(repeats):
-        prefill.append(asyncio.run(replay(addr, [prompt], [1], [0.0]))[0].ttft)
-        step.append(asyncio.run(replay(addr, [prompt[:16]], [32], [0.0]))[0].tpot)
+    for i in range(repeats):
+        alone = summarize(replay(addr, [PlannedRequest(i, 0.0, prompt_tokens, 1)], prompts), Slo())
+        prefill.append(alone.ttft.p50 / 1e3)
+        decode = summarize(replay(addr, [PlannedRequest(i, 0.0, 16, 32)], prompts), Slo())
+        step.append(decode.tpot.p50 / 1e3)
     return statistics.median(prefill), statistics.median(step)
 
 
@@ -180,15 +146,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     rows = workload(args.requests, args.max_prompt, args.max_output)
-    tokenizer = load_tokenizer(args.model)
-    prompts = [synthetic_prompt(tokenizer, r.prompt_tokens, seed=i) for i, r in enumerate(rows)]
-    outputs = [r.output_tokens for r in rows]
+    lengths = [r.prompt_tokens for r in rows]
+    prompts = PromptSource(load_tokenizer(args.model), max(lengths), seed=0)
     print(f"pd: {args.model}, 4 instances, {len(rows)} requests of azure-conv rows {FIRST_ROW}.., prompt "
-          f"mean {statistics.mean(len(p) for p in prompts):.0f} / median {statistics.median(len(p) for p in prompts):.0f}"
-          f" tokens, output mean {statistics.mean(outputs):.0f} tokens; rates {args.rates}/s", flush=True)
+          f"mean {statistics.mean(lengths):.0f} / median {statistics.median(lengths):.0f} tokens, output mean "
+          f"{statistics.mean(r.output_tokens for r in rows):.0f} tokens; rates {args.rates}/s", flush=True)
     ray.init(num_cpus=max(4, os.cpu_count() or 1), namespace="tidal-bench", include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING)
-    median_prompt = prompts[sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[len(prompts) // 2]]
+    median_prompt = sorted(lengths)[len(lengths) // 2]
     table: list[Row] = []
     slo_ttft = prefill = step = None
     try:
@@ -197,16 +162,16 @@ def main(argv: list[str] | None = None) -> None:
             addr = f"127.0.0.1:{d.port}"
             try:
                 if slo_ttft is None:
-                    prefill, step = calibrate(addr, median_prompt)
+                    prefill, step = calibrate(addr, prompts, median_prompt)
                     slo_ttft = 5 * prefill
                     print(f"SLOs: TTFT <= 5 x {prefill * 1e3:.0f} ms = {slo_ttft * 1e3:.0f} ms (median prefill "
-                          f"alone, {len(median_prompt)} tokens); TPOT <= " + " or ".join(
+                          f"alone, {median_prompt} tokens); TPOT <= " + " or ".join(
                               f"{x:g} x {step * 1e3:.0f} ms = {x * step * 1e3:.0f} ms" for x in args.slo_tpot_x)
                           + " (decode step alone)", flush=True)
                 for rate in args.rates:
-                    results = asyncio.run(replay(addr, prompts, outputs, at_rate(rows, rate)))
+                    records = replay(addr, at_rate(rows, rate), prompts)
                     for x in args.slo_tpot_x:
-                        row = summarize(name, rate, x, results, slo_ttft, x * step)
+                        row = summarize_row(name, rate, x, records, Slo(slo_ttft * 1e3, x * step * 1e3))
                         table.append(row)
                         print(f"  {name:>9} {rate:5.2f}/s: TTFT p50 {row.ttft_p50:6.2f} s p99 {row.ttft_p99:6.2f} s, "
                               f"TPOT p50 {row.tpot_p50 * 1e3:5.0f} ms p99 {row.tpot_p99 * 1e3:5.0f} ms, "
