@@ -29,9 +29,9 @@ def plot_cdfs(path: str | Path, records: list[RequestRecord], slo: Slo, title: s
     for ax, metric in zip(axes.flat, ("TTFT", "TPOT", "ITL", "E2E")):
         for label, group in groups.items():
             values = _values_ms(group, metric)
-            if values:
-                ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post",
-                        label=f"{label} (n={len(values)})")
+            if values:     # from 0 at the smallest value, so that a class of one request still shows
+                ax.step([values[0], *values], [0.0, *((i + 1) / len(values) for i in range(len(values)))],
+                        where="post", label=f"{label} (n={len(values)})")
         if limits.get(metric) is not None:
             ax.axvline(limits[metric], color="grey", linestyle="--", linewidth=1, label=f"SLO {limits[metric]:g} ms")
         ax.set_title(metric)

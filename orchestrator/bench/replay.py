@@ -345,5 +345,9 @@ def cmd_replay(args) -> int:
 
 def main(args: argparse.Namespace) -> int:
     if args.bench == "replay":
-        return cmd_replay(args)
+        try:
+            return cmd_replay(args)
+        except KeyboardInterrupt:       # before the run (loading, building prompts) or while writing files
+            print("tidal bench replay: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     raise AssertionError(f"unknown bench command {args.bench!r}")
