@@ -112,6 +112,7 @@ class Progress:
         self._tty = enabled and stream.isatty()
         self._start = time.monotonic()
         self._last_line = -math.inf
+        self._drawn = 0
 
     def finished(self, record: RequestRecord) -> None:
         if record.ok:
@@ -130,7 +131,9 @@ class Progress:
         if not self._enabled:
             return
         if self._tty:
-            self._stream.write("\r" + self.line() + ("\n" if final else ""))
+            text = self.line()
+            self._stream.write("\r" + text.ljust(self._drawn) + ("\n" if final else ""))
+            self._drawn = len(text)     # pad the next line over this one's tail
         elif final or time.monotonic() - self._last_line >= 10.0:
             self._stream.write(self.line() + "\n")
             self._last_line = time.monotonic()
