@@ -38,9 +38,17 @@ class LoadSnapshot:
     step_time_ms: float           # mean step time over the last few seconds
     tokens_per_s: float           # tokens computed per second of step time over the last few seconds
     num_preemptions_total: int
+    num_high_priority: int = 0    # running or waiting requests with priority > 0 (policies give them headroom)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields the wire schema (tidal.v1 InstanceLoad) carries; later fields join it with the proto."""
+        d = asdict(self)
+        for name in _NOT_ON_THE_WIRE:
+            d.pop(name)
+        return d
+
+
+_NOT_ON_THE_WIRE = ("num_high_priority",)
 
 
 @dataclass(frozen=True)

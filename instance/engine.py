@@ -180,6 +180,7 @@ class Engine(EngineBackend):
             step_time_ms=1000.0 * busy / len(recent) if recent else 0.0,
             tokens_per_s=generated / busy if busy > 0 else 0.0,
             num_preemptions_total=s.num_preemptions_total,
+            num_high_priority=sum(1 for q in (s.running, s.waiting) for r in q if r.priority > 0),
         )
 
     def check_integrity(self) -> None:

@@ -2,20 +2,31 @@
 
 - round-robin: in turn;
 - least-load: fewest running + waiting requests;
-- freeness (Llumnix): most (free blocks - blocks demanded by waiting requests) / (running + waiting).
+- freeness (Llumnix): most (capacity - virtual usage) / batch size, at random among the `top_k` freest.
+
+Virtual usage (Llumnix, OSDI '24, section 4.4) counts, in blocks, what an instance holds and what it has
+promised: the physical blocks of its requests (used + reserved for incoming migrations), the demand of the
+head of its waiting queue (it is admitted next), `high_priority_headroom` x capacity for every high-priority
+request (priority > 0, running or waiting), so that an instance serving one looks fuller than it is and normal
+requests go, or are moved, elsewhere; and an infinite usage while the instance drains, so that it takes
+nothing and gives everything away. Freeness divides what is left by the batch size (running + waiting), so
+it says how many blocks each request there can still grow by.
 
 A frontend dispatches on the last snapshot it was pushed, which can be up to ~100 ms old; it adds what it has
-sent since (`pending_requests`, `pending_blocks`) so that a burst does not all land on one instance.
+sent since (`pending_requests`, `pending_blocks`) so that a burst does not all land on one instance, and
+`top_k` > 1 spreads a burst that several frontends send on the same snapshot.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 from instance.backend import LoadSnapshot
 
 POLICIES = ("round-robin", "least-load", "freeness")
+HIGH_PRIORITY_HEADROOM = 0.125   # share of an instance's blocks set aside for each high-priority request
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,7 @@ class Candidate:
     pending_requests: int = 0     # sent by this frontend, not yet visible in `load`
     pending_blocks: int = 0       # the blocks those requests' prompts need
     batch_slots: int | None = None  # requests the instance runs at once (max_num_seqs), if known
+    draining: bool = False        # infinite virtual usage: never dispatched to while another instance is open
 
     @property
     def queue_length(self) -> int:
@@ -38,25 +50,43 @@ class Candidate:
         return self.load.num_running + self.load.num_waiting + self.pending_requests
 
 
-def freeness(c: Candidate) -> float:
-    free = c.load.free_blocks - c.load.waiting_demand_blocks - c.pending_blocks
-    return free / max(1, c.num_requests)
+def virtual_usage(load: LoadSnapshot, pending_blocks: int = 0, draining: bool = False,
+                  high_priority_headroom: float = HIGH_PRIORITY_HEADROOM) -> float:
+    """Blocks an instance holds or has promised (see the module docstring); math.inf while it drains."""
+    if draining:
+        return math.inf
+    physical = load.total_blocks - load.free_blocks               # used + reserved for incoming migrations
+    head = load.head_demand_blocks if load.num_waiting else 0
+    headroom = high_priority_headroom * load.total_blocks * load.num_high_priority
+    return physical + head + pending_blocks + headroom
 
 
-def choose_instance(policy: str, candidates: list[Candidate], turn: int, rng: random.Random) -> str | None:
-    """The instance id to dispatch to, or None if there is no candidate. `turn` drives round-robin."""
+def freeness(c: Candidate, high_priority_headroom: float = HIGH_PRIORITY_HEADROOM) -> float:
+    """(capacity - virtual usage) / batch size; -inf while draining. An idle instance's batch counts as 1."""
+    usage = virtual_usage(c.load, c.pending_blocks, c.draining, high_priority_headroom)
+    return (c.load.total_blocks - usage) / max(1, c.num_requests)
+
+
+def choose_instance(policy: str, candidates: list[Candidate], turn: int, rng: random.Random, top_k: int = 1,
+                    high_priority_headroom: float = HIGH_PRIORITY_HEADROOM) -> str | None:
+    """The instance id to dispatch to, or None if there is no candidate. `turn` drives round-robin; least-load
+    and freeness pick at random among the `top_k` best (and among instances tied with the k-th)."""
     if not candidates:
         return None
+    if top_k < 1:
+        raise ValueError(f"dispatch top_k must be at least 1, got {top_k}")
+    candidates = [c for c in candidates if not c.draining] or candidates
     if policy == "round-robin":
         ordered = sorted(candidates, key=lambda c: c.instance_id)
         return ordered[turn % len(ordered)].instance_id
     if policy == "least-load":
-        return _best(candidates, lambda c: -c.num_requests, rng)
+        return _best(candidates, lambda c: -c.num_requests, top_k, rng)
     if policy == "freeness":
-        return _best(candidates, freeness, rng)
+        return _best(candidates, lambda c: freeness(c, high_priority_headroom), top_k, rng)
     raise ValueError(f"dispatch_policy: unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
-def _best(candidates: list[Candidate], score, rng: random.Random) -> str:
-    top = max(score(c) for c in candidates)
-    return rng.choice([c.instance_id for c in candidates if score(c) == top])
+def _best(candidates: list[Candidate], score, top_k: int, rng: random.Random) -> str:
+    scores = {c.instance_id: score(c) for c in candidates}
+    bar = sorted(scores.values(), reverse=True)[min(top_k, len(scores)) - 1]
+    return rng.choice([c.instance_id for c in candidates if scores[c.instance_id] >= bar])

@@ -1,11 +1,18 @@
 """Migration: which running request to move, from which instance to which (Llumnix-style rebalancing), and
 where every request of a draining instance goes.
 
-An instance gives work away when its freeness (`dispatch.freeness`) is below `source_freeness` or it has
-waiting or preempted requests; an accepting instance with an empty queue and freeness above `target_freeness`
-takes it. A round pairs the most loaded sources with the freest destinations, at most `max_moves` times, and
-after each pick updates its own view of both instances, so one round neither floods a destination nor keeps
-draining a source that is no longer loaded.
+Freeness is Llumnix's (`dispatch.freeness`: capacity minus virtual usage, per request in the batch). An
+instance gives work away when its freeness is below `source_freeness`, or it has waiting or preempted
+requests, or it drains (infinite virtual usage: it gives everything, cooldown or not); an accepting instance
+with an empty queue and freeness above `target_freeness` takes it. A round pairs the lowest-freeness sources
+with the highest-freeness destinations, at most `max_moves` times, and after each pick updates its own view of
+both instances, so one round neither floods a destination nor keeps draining a source that is no longer
+loaded.
+
+Priorities: a high-priority request (priority > 0) adds `high_priority_headroom` x capacity to its instance's
+virtual usage. An instance that is a source only because of that headroom gives away normal requests only, so
+normal work moves away from instances serving high-priority requests and high-priority requests stay put; a
+source that is loaded anyway gives its lowest-priority requests first.
 
 Pure: the clock comes in as `now` and `last_move_at`; the caller records `last_move_at` for the moves it
 carries out. The caller also leaves out of `InstanceState.requests` any request already being migrated (it
@@ -18,7 +25,7 @@ import math
 from dataclasses import dataclass, replace
 
 from instance.backend import LoadSnapshot, RequestInfo
-from orchestrator.policies.dispatch import Candidate, freeness
+from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM, Candidate, freeness
 
 MOVE_CHOICES = ("shortest", "longest", "lowest-priority", "newest")
 
@@ -32,6 +39,7 @@ class MigrationPolicyConfig:
     max_moves: int = 2                 # moves per round
     cooldown_s: float = 1.0            # an instance takes part in no move for this long after its last one
     headroom_blocks: int = 4           # free blocks a destination keeps after taking a request
+    high_priority_headroom: float = HIGH_PRIORITY_HEADROOM  # share of capacity set aside per high-priority request
 
     def __post_init__(self) -> None:
         if self.choose not in MOVE_CHOICES:
@@ -50,6 +58,7 @@ class InstanceState:
     accepting: bool = True             # False while draining, dead or starting: never a destination
     migrations_out: int = 0            # in flight from here
     migrations_in: int = 0             # in flight to here
+    draining: bool = False             # infinite virtual usage: gives all its running requests away
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,10 @@ def blocks_of(request: RequestInfo, block_size: int) -> int:
     return math.ceil(request.num_tokens / block_size)
 
 
-def _free(inst: InstanceState) -> float:
-    return freeness(Candidate(inst.instance_id, inst.load))
+def _free(inst: InstanceState, cfg: MigrationPolicyConfig, headroom: bool = True) -> float:
+    """Llumnix freeness (-inf while draining); without the high-priority headroom if `headroom` is False."""
+    return freeness(Candidate(inst.instance_id, inst.load, draining=inst.draining),
+                    cfg.high_priority_headroom if headroom else 0.0)
 
 
 def _room(inst: InstanceState) -> int:
@@ -73,14 +84,19 @@ def _room(inst: InstanceState) -> int:
     return inst.load.free_blocks - inst.load.waiting_demand_blocks
 
 
-def choose_request(requests, cfg: MigrationPolicyConfig, block_size: int) -> RequestInfo | None:
+def choose_request(requests, cfg: MigrationPolicyConfig, block_size: int,
+                   normal_only: bool = False) -> RequestInfo | None:
     """The running request to move, or None. Only requests with computed KV and at least
-    `min_remaining_tokens` left to generate qualify. Orders by tokens, which orders blocks (`block_size`) the
-    same way; "newest" is the last to arrive (LCR in Llumnix); ties go to the smallest request id."""
+    `min_remaining_tokens` left to generate qualify, and only normal-priority ones (priority <= 0) if
+    `normal_only`. Among those of the lowest priority, orders by tokens, which orders blocks (`block_size`)
+    the same way; "newest" is the last to arrive (LCR in Llumnix); ties go to the smallest request id."""
     movable = [r for r in requests if r.status == "running" and r.num_computed_tokens > 0
-               and r.max_tokens - r.num_output_tokens >= cfg.min_remaining_tokens]
+               and r.max_tokens - r.num_output_tokens >= cfg.min_remaining_tokens
+               and not (normal_only and r.priority > 0)]
     if not movable:
         return None
+    lowest = min(r.priority for r in movable)
+    movable = [r for r in movable if r.priority == lowest]
     if cfg.choose == "newest":
         return movable[-1]
     keys = {"shortest": lambda r: (r.num_tokens, r.request_id),
@@ -89,33 +105,44 @@ def choose_request(requests, cfg: MigrationPolicyConfig, block_size: int) -> Req
     return min(movable, key=keys[cfg.choose])
 
 
+def _give_away(inst: InstanceState, cfg: MigrationPolicyConfig) -> RequestInfo | None:
+    """The request `inst` gives away this round, or None if it is not a source."""
+    queued = inst.load.num_waiting > 0 or inst.load.num_preempted > 0
+    if inst.draining or queued or _free(inst, cfg, headroom=False) < cfg.source_freeness:
+        return choose_request(inst.requests, cfg, inst.load.block_size)
+    if _free(inst, cfg) < cfg.source_freeness:     # loaded only by the headroom of its high-priority requests
+        return choose_request(inst.requests, cfg, inst.load.block_size, normal_only=True)
+    return None
+
+
 def is_source(inst: InstanceState, cfg: MigrationPolicyConfig) -> bool:
-    loaded = _free(inst) < cfg.source_freeness or inst.load.num_waiting > 0 or inst.load.num_preempted > 0
-    return loaded and choose_request(inst.requests, cfg, inst.load.block_size) is not None
+    return _give_away(inst, cfg) is not None
 
 
 def pick_destination(candidates: list[InstanceState], exclude: set[str], blocks_needed: int,
                      cfg: MigrationPolicyConfig) -> InstanceState | None:
-    fits = [c for c in candidates if c.accepting and c.instance_id not in exclude and c.load.num_waiting == 0
-            and _free(c) > cfg.target_freeness and _room(c) - blocks_needed >= cfg.headroom_blocks]
-    return min(fits, key=lambda c: (-_free(c), c.instance_id), default=None)
+    fits = [c for c in candidates if c.accepting and not c.draining and c.instance_id not in exclude
+            and c.load.num_waiting == 0 and _free(c, cfg) > cfg.target_freeness
+            and _room(c) - blocks_needed >= cfg.headroom_blocks]
+    return min(fits, key=lambda c: (-_free(c, cfg), c.instance_id), default=None)
 
 
 def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, now: float,
                     last_move_at: dict[str, float]) -> list[PlannedMove]:
     """Up to `max_moves` moves from the most loaded instances to the freest; [] when balanced. Instances in
-    cooldown or with a migration in flight (their snapshot does not show its effect yet) sit the round out."""
+    cooldown or with a migration in flight (their snapshot does not show its effect yet) sit the round out,
+    except draining ones, which give a request every round."""
     view = {i.instance_id: i for i in instances
-            if now - last_move_at.get(i.instance_id, -math.inf) >= cfg.cooldown_s
-            and i.migrations_in == 0 and i.migrations_out == 0}
+            if i.draining or (now - last_move_at.get(i.instance_id, -math.inf) >= cfg.cooldown_s
+                              and i.migrations_in == 0 and i.migrations_out == 0)}
     gave: set[str] = set()
     took: set[str] = set()
     moves: list[PlannedMove] = []
     while len(moves) < cfg.max_moves:
         sources = sorted((i for i in view.values() if i.instance_id not in took and is_source(i, cfg)),
-                         key=lambda i: (_free(i), i.instance_id))
+                         key=lambda i: (_free(i, cfg), i.instance_id))
         for src in sources:
-            req = choose_request(src.requests, cfg, src.load.block_size)
+            req = _give_away(src, cfg)
             dst = pick_destination(list(view.values()), gave | {src.instance_id},
                                    blocks_of(req, src.load.block_size), cfg)
             if dst is not None:
@@ -123,7 +150,7 @@ def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, 
         else:
             return moves
         moves.append(PlannedMove(req.request_id, src.instance_id, dst.instance_id,
-                                 f"{_why_source(src, cfg)} -> {dst.instance_id} freeness {_free(dst):.1f}; "
+                                 f"{_why_source(src, cfg)} -> {dst.instance_id} freeness {_free(dst, cfg):.1f}; "
                                  f"{_why_request(req, cfg.choose)}"))
         gave.add(src.instance_id)
         took.add(dst.instance_id)
@@ -136,7 +163,8 @@ def plan_drain(draining: InstanceState, others: list[InstanceState], cfg: Migrat
     """A destination for every running and waiting request of `draining` (suspended ones are already on
     their way): the freest accepting instance with room, seeing what earlier picks took. Cooldown and
     `min_remaining_tokens` do not apply. Returns (moves, [(request_id, why it cannot move)])."""
-    view = {o.instance_id: o for o in others if o.accepting and o.instance_id != draining.instance_id}
+    view = {o.instance_id: o for o in others
+            if o.accepting and not o.draining and o.instance_id != draining.instance_id}
     todo = sorted((r for r in draining.requests if r.status in ("running", "waiting")),
                   key=lambda r: (r.status != "running", -r.num_tokens, r.request_id))
     moves: list[PlannedMove] = []
@@ -147,21 +175,26 @@ def plan_drain(draining: InstanceState, others: list[InstanceState], cfg: Migrat
         if not fits:
             stuck.append((req.request_id, _why_stuck(view, need, cfg)))
             continue
-        dst = min(fits, key=lambda o: (-_free(o), o.instance_id))
+        dst = min(fits, key=lambda o: (-_free(o, cfg), o.instance_id))
         moves.append(PlannedMove(req.request_id, draining.instance_id, dst.instance_id,
-                                 f"drain {draining.instance_id} -> {dst.instance_id} freeness {_free(dst):.1f}; "
+                                 f"drain {draining.instance_id} -> {dst.instance_id} freeness {_free(dst, cfg):.1f}; "
                                  f"{req.status} request ({req.num_tokens} tokens, {need} blocks)"))
         view[dst.instance_id] = _take(dst, req)
     return moves, stuck
 
 
 def _why_source(inst: InstanceState, cfg: MigrationPolicyConfig) -> str:
+    if inst.draining:
+        return f"{inst.instance_id} drains"
     queue = ", ".join(f"{n} {what}" for n, what in ((inst.load.num_waiting, "waiting"),
                                                     (inst.load.num_preempted, "preempted")) if n)
-    if _free(inst) < cfg.source_freeness:
-        return (f"{inst.instance_id} freeness {_free(inst):.1f} < {cfg.source_freeness:g}"
-                + (f" ({queue})" if queue else ""))
-    return f"{inst.instance_id} has {queue} (freeness {_free(inst):.1f})"
+    free = _free(inst, cfg)
+    if free < cfg.source_freeness:
+        high = inst.load.num_high_priority
+        return (f"{inst.instance_id} freeness {free:.1f} < {cfg.source_freeness:g}"
+                + (f" ({queue})" if queue else "")
+                + (f" (headroom for {high} high-priority)" if high and cfg.high_priority_headroom else ""))
+    return f"{inst.instance_id} has {queue} (freeness {free:.1f})"
 
 
 def _why_request(req: RequestInfo, choose: str) -> str:
@@ -181,6 +214,7 @@ def _why_stuck(view: dict[str, InstanceState], need: int, cfg: MigrationPolicyCo
 def _give(inst: InstanceState, req: RequestInfo) -> InstanceState:
     """`inst` as it will be once `req` has left."""
     n, ld = blocks_of(req, inst.load.block_size), inst.load
+    ld = replace(ld, num_high_priority=max(0, ld.num_high_priority - (req.priority > 0)))
     if req.status == "waiting":
         ld = replace(ld, num_waiting=ld.num_waiting - 1, waiting_demand_blocks=max(0, ld.waiting_demand_blocks - n),
                      num_preempted=ld.num_preempted - (req.num_preemptions > 0))
@@ -192,6 +226,7 @@ def _give(inst: InstanceState, req: RequestInfo) -> InstanceState:
 def _take(inst: InstanceState, req: RequestInfo) -> InstanceState:
     """`inst` as it will be once `req` has arrived (a waiting request joins its queue)."""
     n, ld = blocks_of(req, inst.load.block_size), inst.load
+    ld = replace(ld, num_high_priority=ld.num_high_priority + (req.priority > 0))
     if req.status == "waiting":
         ld = replace(ld, num_waiting=ld.num_waiting + 1, waiting_demand_blocks=ld.waiting_demand_blocks + n)
     else:

@@ -17,7 +17,7 @@ def req(rid, tokens=32, status="running", out=8, max_tokens=256, computed=None, 
                        priority=priority, num_preemptions=preemptions)
 
 
-def inst(iid, free, *reqs, total=100, accepting=True, out=0, in_=0):
+def inst(iid, free, *reqs, total=100, accepting=True, out=0, in_=0, draining=False):
     """An instance whose load agrees with its requests: counts and waiting demand come from `reqs`."""
     waiting = [r for r in reqs if r.status == "waiting"]
     load = LoadSnapshot(total_blocks=total, free_blocks=free, used_blocks=total - free, reserved_blocks=0,
@@ -26,8 +26,10 @@ def inst(iid, free, *reqs, total=100, accepting=True, out=0, in_=0):
                         num_suspended=sum(r.status == "suspended" for r in reqs),
                         head_demand_blocks=-(-waiting[0].num_tokens // BS) if waiting else 0,
                         waiting_demand_blocks=sum(-(-r.num_tokens // BS) for r in waiting),
-                        running_tokens=0, step_time_ms=0.0, tokens_per_s=0.0, num_preemptions_total=0)
-    return InstanceState(iid, load, tuple(reqs), accepting=accepting, migrations_out=out, migrations_in=in_)
+                        running_tokens=0, step_time_ms=0.0, tokens_per_s=0.0, num_preemptions_total=0,
+                        num_high_priority=sum(r.priority > 0 and r.status != "suspended" for r in reqs))
+    return InstanceState(iid, load, tuple(reqs), accepting=accepting, migrations_out=out, migrations_in=in_,
+                         draining=draining)
 
 
 def plan(instances, cfg=MigrationPolicyConfig(), now=100.0, last=None):
@@ -76,14 +78,21 @@ def test_requests_about_to_finish_or_not_yet_computed_stay():
     assert plan([a, inst("b", 100)], MigrationPolicyConfig(max_moves=1)) == [("long", "a", "b")]
 
 
-@pytest.mark.parametrize("choose, expected", [("shortest", "b"), ("longest", "c"), ("lowest-priority", "d"),
+@pytest.mark.parametrize("choose, expected", [("shortest", "b"), ("longest", "c"), ("lowest-priority", "b"),
                                               ("newest", "a")])
 def test_each_choice_picks_what_it_says(choose, expected):
     # arrival order b, c, d, a
-    reqs = (req("b", 20, priority=1), req("c", 90, priority=0), req("d", 70, priority=0), req("a", 50, priority=1))
+    reqs = (req("b", 20), req("c", 90), req("d", 70), req("a", 50))
     assert choose_request(reqs, MigrationPolicyConfig(choose=choose), BS).request_id == expected
     assert plan([inst("src", 2, *reqs), inst("dst", 100)], MigrationPolicyConfig(choose=choose, max_moves=1)) \
         == [(expected, "src", "dst")]
+
+
+@pytest.mark.parametrize("choose, expected", [("shortest", "d"), ("longest", "c"), ("lowest-priority", "d"),
+                                              ("newest", "d")])
+def test_the_lowest_priority_requests_move_first_whatever_the_choice(choose, expected):
+    reqs = (req("b", 20, priority=1), req("c", 90, priority=0), req("d", 70, priority=0), req("a", 50, priority=1))
+    assert choose_request(reqs, MigrationPolicyConfig(choose=choose), BS).request_id == expected
 
 
 def test_ties_go_to_the_smallest_request_id():
@@ -160,3 +169,40 @@ def test_bad_config_gets_a_sentence_naming_the_choices():
         MigrationPolicyConfig(choose="random")
     with pytest.raises(ValueError, match="source_freeness"):
         MigrationPolicyConfig(source_freeness=30.0)
+
+
+def test_normal_requests_move_away_from_an_instance_serving_a_high_priority_one():
+    cfg = MigrationPolicyConfig(high_priority_headroom=0.4, max_moves=1)
+    high = req("vip", 40, priority=1)
+    shared = inst("a", 50, high, req("n1", 40), req("n2", 200))        # 50 / 3 = 16.7 > 8 without headroom
+    assert plan([shared, inst("b", 100)], MigrationPolicyConfig(high_priority_headroom=0.0)) == []
+    # with headroom: (50 - 40) / 3 = 3.3 < 8: a normal request leaves (the shortest), not the high-priority one
+    moves = plan_migrations([shared, inst("b", 100)], cfg, 0.0, {})
+    assert [(m.request_id, m.dst) for m in moves] == [("n1", "b")]
+    assert "headroom for 1 high-priority" in moves[0].reason
+    # an instance loaded only by the headroom of its high-priority requests keeps them where they are
+    only_high = inst("a", 80, high, req("vip2", 100, priority=2))    # (80 - 80) / 2 = 0, but 80 / 2 without
+    assert plan([only_high, inst("b", 100)], cfg) == []
+
+
+def test_normal_work_does_not_move_onto_an_instance_serving_high_priority_requests():
+    cfg = MigrationPolicyConfig(high_priority_headroom=0.25, max_moves=1)
+    with_high = inst("h", 70, req("vip", 32, priority=1), req("h2"))  # (70 - 25) / 2 = 22.5 < 24; 35 without
+    plain = inst("p", 60, req("x1"), req("x2"))                        # 60 / 2 = 30
+    assert plan([overloaded("a"), with_high, plain], cfg) == [("r37", "a", "p")]
+    assert plan([overloaded("a"), with_high, plain], MigrationPolicyConfig(high_priority_headroom=0.0,
+                                                                           max_moves=1)) == [("r37", "a", "h")]
+
+
+def test_a_really_loaded_instance_gives_high_priority_requests_too_once_no_normal_one_can_move():
+    a = inst("a", 2, req("vip", 64, priority=1), req("ending", 20, out=250, max_tokens=256))
+    assert plan([a, inst("b", 100)], MigrationPolicyConfig(max_moves=1)) == [("vip", "a", "b")]
+
+
+def test_a_draining_instance_gives_its_requests_every_round_and_takes_none():
+    cfg = MigrationPolicyConfig(max_moves=3)
+    d = inst("d", 90, req("d1"), req("d2", 48), accepting=True, draining=True)   # freeness 45 but infinite usage
+    moves = plan_migrations([d, inst("b", 100)], cfg, now=10.1, last_move_at={"d": 10.0})
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [("d1", "d", "b"), ("d2", "d", "b")]   # cooldown or not
+    assert moves[0].reason.startswith("d drains -> b")
+    assert plan([overloaded("a"), inst("d", 100, draining=True)]) == []
