@@ -1,0 +1,316 @@
+"""A discrete-event simulation of N instances, a frontend and the global scheduler, running the real policies.
+
+Events, in simulated seconds, taken in time order (ties in the order they were scheduled, so a run is a pure
+function of its inputs and seed):
+- arrival: the frontend dispatches with `choose_instance` on the last pushed load snapshots plus what it has
+  sent since (`pending_requests`, `pending_blocks`), as `orchestrator/frontend.py` does;
+- step end: the instance applies its step (`SimInstance.finish_step`) and starts the next one;
+- observe (every `load_interval_s`): every instance's `load()` is taken and pushed to the frontend;
+- rebalance (every `rebalance_interval_s`, when `migrate`): `plan_migrations` over the observed loads and
+  request lists, with in-flight migrations counted and their requests left out, as the scheduler does;
+- migration stages: pre-copy while the request keeps running on the source (`MigrationCost`: each stage
+  reserves the new blocks on the destination and copies them), then, at the source's next step boundary,
+  the request leaves the batch, the last blocks are copied (the downtime) and the destination admits it.
+  A request that finishes or is preempted during pre-copy stays where it is (the reservation is released).
+
+Migration timings are a model, not a measurement: see `MigrationCost`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from instance.request import Request, RequestStatus
+from instance.scheduler import blocks_for
+from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM, Candidate, choose_instance
+from orchestrator.policies.migration import InstanceState, MigrationPolicyConfig, plan_migrations
+from orchestrator.sim.cost_model import StepCostModel
+from orchestrator.sim.instance import SimInstance, make_request
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class MigrationCost:
+    """Modelled cost of a live migration (assumed, not measured): each stage takes `stage_s` plus
+    `block_s` per block copied; pre-copy stops when the delta is at most `last_stage_blocks` or after
+    `max_stages` stages; the last stage (the request out of the batch) takes the same formula."""
+
+    stage_s: float = 0.005
+    block_s: float = 0.001
+    last_stage_blocks: int = 2
+    max_stages: int = 4
+
+    def seconds(self, blocks: int) -> float:
+        return self.stage_s + self.block_s * blocks
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    num_instances: int = 16
+    num_blocks: int = 96                  # KV blocks per instance
+    block_size: int = 16
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    max_model_len: int = 2048
+    dispatch: str = "freeness"            # round-robin | least-load | freeness
+    top_k: int = 1
+    high_priority_headroom: float = HIGH_PRIORITY_HEADROOM
+    migrate: bool = True
+    migration: MigrationPolicyConfig = MigrationPolicyConfig()
+    migration_cost: MigrationCost = MigrationCost()
+    load_interval_s: float = 0.05
+    rebalance_interval_s: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if blocks_for(self.max_model_len, self.block_size) > self.num_blocks:
+            raise ValueError(f"num_blocks {self.num_blocks} x {self.block_size} tokens cannot hold one request of "
+                             f"max_model_len {self.max_model_len}; raise num_blocks or lower max_model_len")
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    priority: int
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    preemptions: int = 0
+    migrations: int = 0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.finish_s is None else self.finish_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.finish_s is None or self.output_tokens < 2:
+            return None
+        return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    preemptions: int
+    migrations: int
+    migrations_aborted: int
+    end_s: float
+    wall_s: float
+    busy_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.finish_s is not None]
+
+
+@dataclass
+class _Migration:
+    req: Request
+    src: SimInstance
+    dst: SimInstance
+    reserved: list[int]
+    copied_blocks: int = 0
+    stage: int = 0
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, cost: StepCostModel):
+        self.cfg = config
+        self.instances = [SimInstance(f"instance-{i}", config.num_blocks, config.block_size,
+                                      config.max_num_batched_tokens, config.max_num_seqs, cost)
+                          for i in range(config.num_instances)]
+        self.by_id = {i.instance_id: i for i in self.instances}
+        self.rng = random.Random(config.seed)
+        self.now = 0.0
+        self._events: list = []
+        self._seq = itertools.count()
+        self._turn = 0
+        self._snapshots = {i.instance_id: i.load() for i in self.instances}
+        self._requests: dict[str, list] = {}           # observed request lists, per instance
+        self._pending: dict[str, list[int]] = {i.instance_id: [] for i in self.instances}  # blocks sent since
+        self._migrating: dict[str, _Migration] = {}    # request id -> migration in flight
+        self._suspend_at_step_end: dict[str, list[_Migration]] = {i.instance_id: [] for i in self.instances}
+        self._last_move_at: dict[str, float] = {}
+        self.records: dict[str, RequestRecord] = {}
+        self.migrations = 0
+        self.migrations_aborted = 0
+        self._finished = 0
+
+    # ----- the event loop --------------------------------------------------------------------------------
+    def _at(self, t: float, fn, *args) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), fn, args))
+
+    def run(self, workload: list[SimRequest], until_s: float | None = None) -> SimResult:
+        """Replay `workload` (arrivals in seconds) until every request has finished (or `until_s`)."""
+        started = time.perf_counter()
+        for n, w in enumerate(sorted(workload, key=lambda w: w.arrival_s)):
+            if w.prompt_tokens < 1 or w.output_tokens < 1 or w.prompt_tokens + w.output_tokens > self.cfg.max_model_len:
+                raise ValueError(f"request {n}: prompt {w.prompt_tokens} + output {w.output_tokens} tokens must be "
+                                 f"positive and fit max_model_len {self.cfg.max_model_len}")
+            self._at(w.arrival_s, self._arrive, f"req-{n}", w)
+        self._at(0.0, self._observe)
+        if self.cfg.migrate:
+            self._at(self.cfg.rebalance_interval_s, self._rebalance)
+        total = len(workload)
+        while self._events and self._finished < total:
+            t, _, fn, args = heapq.heappop(self._events)
+            if until_s is not None and t > until_s:
+                break
+            self.now = t
+            fn(*args)
+        return SimResult(list(self.records.values()),
+                         preemptions=sum(i.scheduler.num_preemptions_total for i in self.instances),
+                         migrations=self.migrations, migrations_aborted=self.migrations_aborted, end_s=self.now,
+                         wall_s=time.perf_counter() - started, busy_s={i.instance_id: i.busy_s for i in self.instances})
+
+    # ----- frontend --------------------------------------------------------------------------------------
+    def _arrive(self, rid: str, w: SimRequest) -> None:
+        cfg = self.cfg
+        candidates = [Candidate(i.instance_id, self._snapshots[i.instance_id],
+                                pending_requests=len(self._pending[i.instance_id]),
+                                pending_blocks=sum(self._pending[i.instance_id]), batch_slots=cfg.max_num_seqs)
+                      for i in self.instances]
+        iid = choose_instance(cfg.dispatch, candidates, self._turn, self.rng, top_k=cfg.top_k,
+                              high_priority_headroom=cfg.high_priority_headroom)
+        self._turn += 1
+        inst = self.by_id[iid]
+        self._pending[iid].append(blocks_for(w.prompt_tokens + 1, cfg.block_size))
+        self.records[rid] = RequestRecord(rid, w.arrival_s, w.prompt_tokens, w.output_tokens, w.priority)
+        inst.add(make_request(rid, w.prompt_tokens, w.output_tokens, w.priority, w.arrival_s, cfg.max_model_len))
+        self._kick(inst)
+
+    # ----- instances -------------------------------------------------------------------------------------
+    def _kick(self, inst: SimInstance) -> None:
+        """Start a step on an idle instance that has work."""
+        if inst.step is None:
+            seconds = inst.start_step()
+            if seconds is not None:
+                self._at(self.now + seconds, self._step_end, inst)
+
+    def _step_end(self, inst: SimInstance) -> None:
+        for req in inst.finish_step():
+            rec = self.records[req.request_id]
+            if rec.first_token_s is None:
+                rec.first_token_s = self.now
+            if req.is_finished:
+                rec.finish_s = self.now
+                rec.preemptions = req.num_preemptions
+                self._finished += 1
+        for mig in self._suspend_at_step_end[inst.instance_id]:
+            self._last_stage(mig)
+        self._suspend_at_step_end[inst.instance_id].clear()
+        self._kick(inst)
+
+    # ----- global scheduler ------------------------------------------------------------------------------
+    def _observe(self) -> None:
+        self._snapshots = {i.instance_id: i.load() for i in self.instances}
+        for pending in self._pending.values():
+            pending.clear()
+        self._at(self.now + self.cfg.load_interval_s, self._observe)
+
+    def _rebalance(self) -> None:
+        ins = {i: 0 for i in self.by_id}
+        outs = {i: 0 for i in self.by_id}
+        for m in self._migrating.values():
+            outs[m.src.instance_id] += 1
+            ins[m.dst.instance_id] += 1
+        states = [InstanceState(i.instance_id, i.load(),
+                                tuple(r for r in i.list_requests() if r.request_id not in self._migrating),
+                                migrations_out=outs[i.instance_id], migrations_in=ins[i.instance_id])
+                  for i in self.instances]
+        for move in plan_migrations(states, self.cfg.migration, self.now, self._last_move_at):
+            self._start_migration(self.by_id[move.src].requests[move.request_id], self.by_id[move.src],
+                                  self.by_id[move.dst])
+            self._last_move_at[move.src] = self._last_move_at[move.dst] = self.now
+        self._at(self.now + self.cfg.rebalance_interval_s, self._rebalance)
+
+    # ----- live migration --------------------------------------------------------------------------------
+    def _start_migration(self, req: Request, src: SimInstance, dst: SimInstance) -> None:
+        mig = _Migration(req, src, dst, [])
+        self._migrating[req.request_id] = mig
+        self._stage(mig)
+
+    def _stage(self, mig: _Migration) -> None:
+        """Pre-copy what has been computed since the last stage, while the request keeps running."""
+        if not self._still_running(mig):
+            return self._abort(mig)
+        delta = blocks_for(mig.req.num_computed_tokens, self.cfg.block_size) - mig.copied_blocks
+        cost = self.cfg.migration_cost
+        if delta <= cost.last_stage_blocks or mig.stage >= cost.max_stages:
+            if mig.src.step is None:
+                return self._last_stage(mig)
+            self._suspend_at_step_end[mig.src.instance_id].append(mig)
+            return
+        if not mig.dst.pool.can_allocate(delta):
+            return self._abort(mig)
+        mig.reserved += mig.dst.pool.reserve(delta)
+        mig.copied_blocks += delta
+        mig.stage += 1
+        self._at(self.now + cost.seconds(delta), self._stage, mig)
+
+    def _last_stage(self, mig: _Migration) -> None:
+        """Between two steps of the source: take the request out of its batch and copy what is left."""
+        if not self._still_running(mig):
+            return self._abort(mig)
+        need = blocks_for(mig.req.num_computed_tokens, self.cfg.block_size) - mig.copied_blocks
+        if need > 0 and not mig.dst.pool.can_allocate(need):
+            return self._abort(mig)
+        if need > 0:
+            mig.reserved += mig.dst.pool.reserve(need)
+        mig.src.suspend(mig.req)
+        self._at(self.now + self.cfg.migration_cost.seconds(max(0, need)), self._commit, mig)
+
+    def _commit(self, mig: _Migration) -> None:
+        req = mig.req
+        mig.src.free_suspended(req)
+        mig.dst.admit_migrated(req, mig.reserved)
+        del self._migrating[req.request_id]
+        self.records[req.request_id].migrations += 1
+        self.migrations += 1
+        self._kick(mig.dst)
+        self._kick(mig.src)
+
+    def _still_running(self, mig: _Migration) -> bool:
+        req = mig.req
+        return mig.src.requests.get(req.request_id) is req and req.status is RequestStatus.RUNNING
+
+    def _abort(self, mig: _Migration) -> None:
+        if mig.reserved:
+            mig.dst.pool.release_reserved(mig.reserved)
+        del self._migrating[mig.req.request_id]
+        self.migrations_aborted += 1
+
+
+def simulate(workload: list[SimRequest], config: SimConfig, cost: StepCostModel,
+             until_s: float | None = None) -> SimResult:
+    return Simulator(config, cost).run(workload, until_s)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between nearest ranks (numpy's default); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = q / 100.0 * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
