@@ -38,57 +38,26 @@ This machine is shared and noisy (2 cores for 4 instances): compare configuratio
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import statistics
 import sys
 from dataclasses import dataclass
 
-import grpc
 import ray
 
-from benchmarks.traces import TraceRequest, load_trace, scale_lengths
-from instance.config import EngineConfig
+from benchmarks.serving_load import at_rate, deploy, replay, workload
 from instance.model.loader import load_tokenizer
-from orchestrator.bench.replay import Progress, PromptSource, Replay
+from orchestrator.bench.replay import PromptSource
 from orchestrator.bench.schedule import PlannedRequest
 from orchestrator.bench.stats import RequestRecord, Slo, summarize
-from orchestrator.config import ServeConfig
-from orchestrator.deployment import Deployment
 
 FIRST_ROW = 1000
-STREAM_TIMEOUT_S = 600.0
 CONFIGS = {
     "colocated": dict(),
     "pd": dict(prefill_instances=2, decode_instances=2),
     "adaptive": dict(prefill_instances=2, decode_instances=2, pd_adaptive=True, pd_cooldown_s=5.0),
 }
-
-
-def workload(n: int, max_prompt: int, max_output: int) -> list[TraceRequest]:
-    rows = load_trace("azure-conv")[FIRST_ROW:FIRST_ROW + n]
-    return scale_lengths(rows, max_prompt, max_output)
-
-
-def at_rate(rows: list[TraceRequest], rate: float) -> list[PlannedRequest]:
-    """The rows as requests sent with the trace's inter-arrival pattern, stretched to a mean rate of `rate`/s."""
-    t0 = rows[0].arrival_s
-    span = rows[-1].arrival_s - t0
-    k = (len(rows) - 1) / rate / span if span > 0 else 0.0
-    return [PlannedRequest(i, (r.arrival_s - t0) * k, r.prompt_tokens, r.output_tokens) for i, r in enumerate(rows)]
-
-
-def replay(addr: str, plan: list[PlannedRequest], prompts: PromptSource) -> list[RequestRecord]:
-    """Send the plan over gRPC (the `tidal bench replay` engine) and return what the client saw."""
-    run = Replay(plan, prompts, STREAM_TIMEOUT_S, Progress(len(plan), enabled=False))
-
-    async def go() -> None:
-        async with grpc.aio.insecure_channel(addr) as channel:
-            await run.run(channel)
-
-    asyncio.run(go())
-    return run.records
 
 
 @dataclass
@@ -124,15 +93,6 @@ def calibrate(addr: str, prompts: PromptSource, prompt_tokens: int, repeats: int
     return statistics.median(prefill), statistics.median(step)
 
 
-def deploy(name: str, model: str, extra: dict) -> Deployment:
-    cfg = ServeConfig(engine=EngineConfig(model=model, max_model_len=1024, kv_cache_gib=0.25), instances=4,
-                      host="127.0.0.1", port=0, deployment=f"bench-pd-{name}", namespace="tidal-bench",
-                      grace_period_s=2.0, **extra)
-    d = Deployment(cfg)
-    d.start()
-    return d
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="requests per second")
@@ -145,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    rows = workload(args.requests, args.max_prompt, args.max_output)
+    rows = workload("azure-conv", FIRST_ROW, args.requests, args.max_prompt, args.max_output)
     lengths = [r.prompt_tokens for r in rows]
     prompts = PromptSource(load_tokenizer(args.model), max(lengths), seed=0)
     print(f"pd: {args.model}, 4 instances, {len(rows)} requests of azure-conv rows {FIRST_ROW}.., prompt "
@@ -158,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     slo_ttft = prefill = step = None
     try:
         for name in args.configs:
-            d = deploy(name, args.model, CONFIGS[name])
+            d = deploy(f"bench-pd-{name}", 4, dict(model=args.model, max_model_len=1024, kv_cache_gib=0.25),
+                       **CONFIGS[name])
             addr = f"127.0.0.1:{d.port}"
             try:
                 if slo_ttft is None:
