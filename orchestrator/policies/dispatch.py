@@ -2,7 +2,9 @@
 
 - round-robin: in turn;
 - least-load: fewest running + waiting requests;
-- freeness (Llumnix): most (capacity - virtual usage) / batch size, at random among the `top_k` freest.
+- freeness (Llumnix): most (capacity - virtual usage) / batch size, at random among the `top_k` freest; a
+  new request queues behind every waiting one, so dispatch counts the whole queue's demand (as Llumnix's
+  dispatch does), where migration counts the head's (what blocks the next admission).
 
 Virtual usage (Llumnix, OSDI '24, section 4.4) counts, in blocks, what an instance holds and what it has
 promised: the physical blocks of its requests (used + reserved for incoming migrations), the demand of the
@@ -10,7 +12,7 @@ head of its waiting queue (it is admitted next), `high_priority_headroom` x capa
 request (priority > 0, running or waiting), so that an instance serving one looks fuller than it is and normal
 requests go, or are moved, elsewhere; and an infinite usage while the instance drains, so that it takes
 nothing and gives everything away. Freeness divides what is left by the batch size (running + waiting), so
-it says how many blocks each request there can still grow by.
+it says how many blocks each request there can still grow by (a deficit is multiplied by it instead).
 
 A frontend dispatches on the last snapshot it was pushed, which can be up to ~100 ms old; it adds what it has
 sent since (`pending_requests`, `pending_blocks`) so that a burst does not all land on one instance, and
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from instance.backend import LoadSnapshot
 
 POLICIES = ("round-robin", "least-load", "freeness")
-HIGH_PRIORITY_HEADROOM = 0.125   # share of an instance's blocks set aside for each high-priority request
+HIGH_PRIORITY_HEADROOM = 0.25    # share of an instance's blocks set aside for each high-priority request
 
 
 @dataclass(frozen=True)
@@ -51,20 +53,31 @@ class Candidate:
 
 
 def virtual_usage(load: LoadSnapshot, pending_blocks: int = 0, draining: bool = False,
-                  high_priority_headroom: float = HIGH_PRIORITY_HEADROOM) -> float:
-    """Blocks an instance holds or has promised (see the module docstring); math.inf while it drains."""
+                  high_priority_headroom: float = HIGH_PRIORITY_HEADROOM, whole_queue: bool = False) -> float:
+    """Blocks an instance holds or has promised (see the module docstring); math.inf while it drains.
+    `whole_queue` counts the demand of every waiting request, not only the head's."""
     if draining:
         return math.inf
     physical = load.total_blocks - load.free_blocks               # used + reserved for incoming migrations
-    head = load.head_demand_blocks if load.num_waiting else 0
+    if whole_queue:
+        queue = load.waiting_demand_blocks
+    else:
+        queue = load.head_demand_blocks if load.num_waiting else 0
     headroom = high_priority_headroom * load.total_blocks * load.num_high_priority
-    return physical + head + pending_blocks + headroom
+    return physical + queue + pending_blocks + headroom
 
 
-def freeness(c: Candidate, high_priority_headroom: float = HIGH_PRIORITY_HEADROOM) -> float:
-    """(capacity - virtual usage) / batch size; -inf while draining. An idle instance's batch counts as 1."""
-    usage = virtual_usage(c.load, c.pending_blocks, c.draining, high_priority_headroom)
-    return (c.load.total_blocks - usage) / max(1, c.num_requests)
+def freeness(c: Candidate, high_priority_headroom: float = HIGH_PRIORITY_HEADROOM,
+             whole_queue: bool = False) -> float:
+    """(capacity - virtual usage) / batch size; -inf while draining. An idle instance's batch counts as 1.
+
+    When the usage exceeds the capacity (a queue that does not fit), the deficit is multiplied by the batch
+    size instead: divided, it would shrink as requests pile up, and the most backed-up instance would look
+    the freest."""
+    room = c.load.total_blocks - virtual_usage(c.load, c.pending_blocks, c.draining, high_priority_headroom,
+                                               whole_queue)
+    n = max(1, c.num_requests)
+    return room / n if room >= 0 else room * n
 
 
 def choose_instance(policy: str, candidates: list[Candidate], turn: int, rng: random.Random, top_k: int = 1,
@@ -82,7 +95,7 @@ def choose_instance(policy: str, candidates: list[Candidate], turn: int, rng: ra
     if policy == "least-load":
         return _best(candidates, lambda c: -c.num_requests, top_k, rng)
     if policy == "freeness":
-        return _best(candidates, lambda c: freeness(c, high_priority_headroom), top_k, rng)
+        return _best(candidates, lambda c: freeness(c, high_priority_headroom, whole_queue=True), top_k, rng)
     raise ValueError(f"dispatch_policy: unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 

@@ -96,3 +96,21 @@ def test_a_draining_instance_gets_nothing_while_another_is_open():
     for policy in ("round-robin", "least-load", "freeness"):
         assert {choose_instance(policy, [idle_draining, busy], t, random.Random(t)) for t in range(4)} == {"b"}
     assert choose_instance("freeness", [idle_draining], 0, random.Random(0)) == "a"   # the caller decides
+
+
+def test_dispatch_counts_the_whole_queue_a_new_request_would_wait_behind():
+    long_queue = Candidate("q", load(free=60, running=1, waiting=2, demand=4, rest=40))
+    no_queue = Candidate("n", load(free=40, running=3))
+    # with the head's demand only q looks freer: (100 - 40 - 4) / 3 = 18.7 against 40 / 3 = 13.3 ...
+    assert freeness(long_queue) > freeness(no_queue)
+    # ... but a new request would wait behind all 44 blocks: (100 - 40 - 44) / 3 = 5.3
+    assert freeness(long_queue, whole_queue=True) == pytest.approx(16 / 3)
+    assert choose_instance("freeness", [long_queue, no_queue], 0, random.Random(0)) == "n"
+
+
+def test_an_overcommitted_instance_looks_less_free_the_more_requests_it_has():
+    # both promise 10 blocks more than they have; divided by the batch, the longer queue would look freer
+    short = Candidate("short", load(free=0, running=2, waiting=1, demand=10))
+    long_ = Candidate("long", load(free=0, running=2, waiting=8, demand=10))
+    assert freeness(short) == -30 and freeness(long_) == -100
+    assert choose_instance("freeness", [short, long_], 0, random.Random(0)) == "short"
