@@ -154,6 +154,7 @@ class Simulator:
         self.migrations = 0
         self.migrations_aborted = 0
         self._finished = 0
+        self._total = 0
 
     # ----- the event loop --------------------------------------------------------------------------------
     def _at(self, t: float, fn, *args) -> None:
@@ -170,7 +171,7 @@ class Simulator:
         self._at(0.0, self._observe)
         if self.cfg.migrate:
             self._at(self.cfg.rebalance_interval_s, self._rebalance)
-        total = len(workload)
+        self._total = total = len(workload)
         while self._events and self._finished < total:
             t, _, fn, args = heapq.heappop(self._events)
             if until_s is not None and t > until_s:
@@ -222,6 +223,10 @@ class Simulator:
 
     # ----- global scheduler ------------------------------------------------------------------------------
     def _observe(self) -> None:
+        if (len(self.records) == self._total and not self._migrating
+                and all(i.step is None for i in self.instances)):
+            raise RuntimeError(f"simulation stuck at {self.now:.1f} s: {self._total - self._finished} requests "
+                               f"unfinished and no instance can run them")
         self._snapshots = {i.instance_id: i.load() for i in self.instances}
         for pending in self._pending.values():
             pending.clear()
