@@ -2,19 +2,19 @@
 Tidal (freeness dispatch + live migration), SmolLM2-135M, 4 instances on CPU, the Azure conversation trace,
 with a KV budget small enough that memory is under pressure.
 
-    python -m benchmarks.policies [--rate 0.75] [--requests 80] [--num-blocks 96] [--repeats 1]
-                                  [--policies rr leastload tidal]
+    python -m benchmarks.policies [--rate 0.75] [--requests 80] [--num-blocks 48] [--repeats 2]
+                                  [--max-prompt 512] [--max-output 128] [--policies rr leastload tidal]
 
 Trace: azure_llm_2023/AzureLLMInferenceTrace_conv.csv (Azure/AzurePublicDataset, the conversation trace of
 Splitwise, Patel et al., ISCA 2024, CC-BY 4.0; see ../shared/data/azure_llm_2023/SOURCE.md). `--requests`
-consecutive rows from row 2000 on, lengths scaled by one factor so their 99th percentiles fit 768 prompt /
-128 output tokens (the distributions' shapes are kept), arrival times stretched to a mean of `--rate`
+consecutive rows from row 2000 on, lengths scaled by one factor so their 99th percentiles fit `--max-prompt`
+/ `--max-output` tokens (the distributions' shapes are kept), arrival times stretched to a mean of `--rate`
 requests per second (the trace's burstiness is kept). Sent over gRPC by the `tidal bench replay` engine
 (orchestrator/bench): greedy, EOS ignored, so every request generates its traced output length.
 
 Each policy gets a fresh deployment of 4 instances (one CPU and one torch thread each; `--num-blocks` KV
-blocks of 16 tokens per instance, 96 = 1536 tokens: a handful of requests each, so the batch is bounded by
-memory and an unlucky instance preempts):
+blocks of 16 tokens per instance, 48 = 768 tokens, also the max_model_len: a few requests each, so the batch
+is bounded by memory and an unlucky instance queues and preempts):
 - rr:        dispatch round-robin, auto-migration off;
 - leastload: dispatch to the fewest running + waiting requests, auto-migration off;
 - tidal:     dispatch by freeness (Llumnix virtual usage), auto-migration on (rebalancing by live migration).
@@ -64,8 +64,8 @@ class Run:
 
 
 def run_policy(policy: str, model: str, num_blocks: int, plan, prompts) -> Run:
-    d = deploy(f"bench-policy-{policy}", 4, dict(model=model, num_blocks=num_blocks, max_model_len=1024),
-               **POLICIES[policy])
+    engine = dict(model=model, num_blocks=num_blocks, max_model_len=min(1024, 16 * num_blocks))
+    d = deploy(f"bench-policy-{policy}", 4, engine, **POLICIES[policy])
     try:
         records = replay(f"127.0.0.1:{d.port}", plan, prompts)
         views = ray.get(d.scheduler.list_instances.remote(), timeout=60)
@@ -84,13 +84,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=0.75, help="mean requests per second")
     parser.add_argument("--requests", type=int, default=80)
-    parser.add_argument("--num-blocks", type=int, default=96, help="KV blocks of 16 tokens per instance")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--num-blocks", type=int, default=48, help="KV blocks of 16 tokens per instance")
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--max-output", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    rows = workload("azure-conv", FIRST_ROW, args.requests, 768, 128)
+    if args.max_prompt + args.max_output > min(1024, 16 * args.num_blocks):
+        parser.error("--max-prompt + --max-output must fit in the KV budget (16 x --num-blocks, at most 1024)")
+    rows = workload("azure-conv", FIRST_ROW, args.requests, args.max_prompt, args.max_output)
     lengths = [r.prompt_tokens for r in rows]
     prompts = PromptSource(load_tokenizer(args.model), max(lengths), seed=0)
     plan = at_rate(rows, args.rate)
