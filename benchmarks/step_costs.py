@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "coefficients": model.to_dict(),
         "fit": {"median_relative_error": statistics.median(errors), "max_relative_error": max(errors),
                 "method": "least squares on relative error, non-negative by dropping terms"},
-        "machine": {"cpu": cpu, "cores": torch.get_num_threads() and __import__("os").cpu_count(),
+        "machine": {"cpu": cpu, "cores": os.cpu_count(),
                     "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
