@@ -41,14 +41,7 @@ class LoadSnapshot:
     num_high_priority: int = 0    # running or waiting requests with priority > 0 (policies give them headroom)
 
     def to_dict(self) -> dict:
-        """The fields the wire schema (tidal.v1 InstanceLoad) carries; later fields join it with the proto."""
-        d = asdict(self)
-        for name in _NOT_ON_THE_WIRE:
-            d.pop(name)
-        return d
-
-
-_NOT_ON_THE_WIRE = ("num_high_priority",)
+        return asdict(self)
 
 
 @dataclass(frozen=True)

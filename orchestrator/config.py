@@ -35,6 +35,8 @@ class ServeConfig(BaseModel):
     namespace: str = Field("tidal", description="Ray namespace of the deployment's actors")
     deployment: str = Field("tidal", pattern=r"^[a-z0-9][a-z0-9-]*$", description="prefix of actor names")
     dispatch_policy: Literal["round-robin", "least-load", "freeness"] = "freeness"
+    dispatch_top_k: int = Field(1, ge=1, description="least-load / freeness pick at random among the k best "
+                                                     "(spreads bursts that several frontends send at once)")
     num_cpus_per_instance: float = Field(1.0, ge=0)
     num_gpus_per_instance: float | None = Field(None, ge=0, description="default: 1 on CUDA, 0 on CPU")
     max_queue_per_instance: int = Field(64, ge=1, description="waiting requests before RESOURCE_EXHAUSTED")

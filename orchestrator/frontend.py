@@ -306,7 +306,7 @@ class Frontend:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"all {len(candidates)} instances have {self.config.max_queue_per_instance} or more "
                            f"queued requests; retry later")
-        iid = choose_instance(self.config.dispatch_policy, open_, self._turn, self._rng)
+        iid = choose_instance(self.config.dispatch_policy, open_, self._turn, self._rng, self.config.dispatch_top_k)
         self._turn += 1
         return self.views[iid]
 
