@@ -18,7 +18,7 @@ from instance.model.loader import load_model
 from instance.model_runner import ModelRunner
 from instance.request import Detokenizer, FinishReason, Request, RequestOutput, RequestState, RequestStatus
 from instance.sampling import InvalidRequestError, SamplingParams, validate_request
-from instance.scheduler import Scheduler, blocks_for
+from instance.scheduler import Scheduler, blocks_for, load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -162,26 +162,13 @@ class Engine(EngineBackend):
 
     # ----- load ------------------------------------------------------------------------------------------------
     def load(self) -> LoadSnapshot:
-        s = self.scheduler
-        head = s.waiting[0] if s.waiting else None
         now = time.monotonic()
         recent = [st for st in self._steps if now - st[0] < 5.0]
         busy = sum(st[1] for st in recent)
         generated = sum(st[2] for st in recent)
-        return LoadSnapshot(
-            total_blocks=self.pool.num_blocks, free_blocks=self.pool.num_free, used_blocks=self.pool.num_used,
-            reserved_blocks=self.pool.num_reserved, block_size=self.config.block_size,
-            num_running=len(s.running), num_waiting=len(s.waiting),
-            num_preempted=sum(1 for r in s.waiting if r.num_preemptions > 0),
-            num_suspended=sum(1 for r in self.requests.values() if r.status is RequestStatus.SUSPENDED),
-            head_demand_blocks=s.blocks_demanded(head) if head else 0,
-            waiting_demand_blocks=sum(s.blocks_demanded(r) for r in s.waiting),
-            running_tokens=sum(r.num_tokens for r in s.running),
-            step_time_ms=1000.0 * busy / len(recent) if recent else 0.0,
-            tokens_per_s=generated / busy if busy > 0 else 0.0,
-            num_preemptions_total=s.num_preemptions_total,
-            num_high_priority=sum(1 for q in (s.running, s.waiting) for r in q if r.priority > 0),
-        )
+        return load_snapshot(self.scheduler, self.pool, self.requests.values(), self.config.block_size,
+                             step_time_ms=1000.0 * busy / len(recent) if recent else 0.0,
+                             tokens_per_s=generated / busy if busy > 0 else 0.0)
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()

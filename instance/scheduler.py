@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from instance.backend import LoadSnapshot
 from instance.kv_cache import BlockPool
 from instance.request import Request, RequestStatus
 
@@ -143,3 +144,23 @@ def _insert_sorted(queue: list[Request], req: Request) -> None:
         else:
             hi = mid
     queue.insert(lo, req)
+
+
+def load_snapshot(sched: "Scheduler", pool: BlockPool, requests, block_size: int, step_time_ms: float = 0.0,
+                  tokens_per_s: float = 0.0) -> LoadSnapshot:
+    """The load of an engine (or a simulated one) whose batch `sched` schedules over `pool`; `requests` are all
+    the requests it holds, suspended ones included."""
+    head = sched.waiting[0] if sched.waiting else None
+    return LoadSnapshot(
+        total_blocks=pool.num_blocks, free_blocks=pool.num_free, used_blocks=pool.num_used,
+        reserved_blocks=pool.num_reserved, block_size=block_size,
+        num_running=len(sched.running), num_waiting=len(sched.waiting),
+        num_preempted=sum(1 for r in sched.waiting if r.num_preemptions > 0),
+        num_suspended=sum(1 for r in requests if r.status is RequestStatus.SUSPENDED),
+        head_demand_blocks=sched.blocks_demanded(head) if head else 0,
+        waiting_demand_blocks=sum(sched.blocks_demanded(r) for r in sched.waiting),
+        running_tokens=sum(r.num_tokens for r in sched.running),
+        step_time_ms=step_time_ms, tokens_per_s=tokens_per_s,
+        num_preemptions_total=sched.num_preemptions_total,
+        num_high_priority=sum(1 for q in (sched.running, sched.waiting) for r in q if r.priority > 0),
+    )

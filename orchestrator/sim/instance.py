@@ -14,7 +14,7 @@ from instance.backend import LoadSnapshot, RequestInfo
 from instance.kv_cache import BlockPool
 from instance.request import Detokenizer, Request, RequestStatus
 from instance.sampling import SamplingParams
-from instance.scheduler import Scheduler, SchedulerOutput, blocks_for
+from instance.scheduler import Scheduler, SchedulerOutput, blocks_for, load_snapshot
 from orchestrator.sim.cost_model import StepCostModel
 
 
@@ -102,21 +102,7 @@ class SimInstance:
 
     # ----- what the control plane sees -------------------------------------------------------------------
     def load(self) -> LoadSnapshot:
-        s = self.scheduler
-        head = s.waiting[0] if s.waiting else None
-        return LoadSnapshot(
-            total_blocks=self.pool.num_blocks, free_blocks=self.pool.num_free, used_blocks=self.pool.num_used,
-            reserved_blocks=self.pool.num_reserved, block_size=self.block_size,
-            num_running=len(s.running), num_waiting=len(s.waiting),
-            num_preempted=sum(1 for r in s.waiting if r.num_preemptions > 0),
-            num_suspended=sum(1 for r in self.requests.values() if r.status is RequestStatus.SUSPENDED),
-            head_demand_blocks=s.blocks_demanded(head) if head else 0,
-            waiting_demand_blocks=sum(s.blocks_demanded(r) for r in s.waiting),
-            running_tokens=sum(r.num_tokens for r in s.running),
-            step_time_ms=0.0, tokens_per_s=0.0,
-            num_preemptions_total=s.num_preemptions_total,
-            num_high_priority=sum(1 for q in (s.running, s.waiting) for r in q if r.priority > 0),
-        )
+        return load_snapshot(self.scheduler, self.pool, self.requests.values(), self.block_size)
 
     def list_requests(self) -> list[RequestInfo]:
         return [RequestInfo(request_id=r.request_id, status=r.status.value, num_tokens=r.num_tokens,
