@@ -85,10 +85,12 @@ def tokens_of(chunks) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
 
 
-# A stream resumed by recompute re-prefills the tokens it had, which were first computed one decode step at a
-# time; on CPU the two paths agree to ~1e-5 in the logits, not bit for bit. So a resumed stream draws the same
-# tokens except at a near-tie: a draw whose margin (instance.sampling.draw_margin) is below this.
-NEAR_TIE = 1e-4
+# The engine is not batch-invariant: a stream resumed by recompute re-prefills tokens first computed one decode
+# step at a time, and a request batched with others (padded decode attention, other matmul shapes) gets logits
+# equal to a lone run's only up to float rounding. So seeded draws agree except at a near-tie: a draw whose
+# margin (instance.sampling.draw_margin) is below this (seen: 1.5e-5 after recompute; 4.8e-4 for a request
+# batched with seven others, tests/e2e/test_pd.py).
+NEAR_TIE = 1e-3
 
 
 def reference_with_margins(engine, prompt: str, params) -> tuple[list[int], list[float]]:
@@ -112,8 +114,8 @@ def reference_with_margins(engine, prompt: str, params) -> tuple[list[int], list
 
 
 def assert_resumed_identically(got: list[int], expected: list[int], margins: list[float], what: str) -> None:
-    """Identical tokens; or, if they part, the first differing token was a near-tie draw in the fault-free run
-    (a divergence anywhere else is a bug: a lost, repeated or misnumbered token)."""
+    """Identical tokens; or, if they part, the first differing token was a near-tie draw in the reference run
+    (a divergence anywhere else is a bug: a lost, repeated or misnumbered token, or wrong KV)."""
     if got == expected:
         return
     assert len(got) == len(expected), f"{what}: {len(got)} tokens, expected {len(expected)}"
