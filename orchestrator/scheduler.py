@@ -328,14 +328,15 @@ class GlobalScheduler:
 
     def _plan(self, now: float) -> list[PlannedMove]:
         """Rebalancing among the instances that decode; prefill instances hand their requests over instead."""
-        states = [s for s in self._decode_states() if s.instance_id not in self._roles(PREFILL)]
+        roles = self._role_map()
+        states = [s for s in self._decode_states() if roles[s.instance_id] != PREFILL]
         moves = plan_migrations(states, self.policy, now, self.last_move_at)
         busy = self._busy()
         return [m for m in moves if m.request_id not in busy]
 
     # ----- prefill/decode disaggregation ---------------------------------------------------------------------
-    def _roles(self, role: str) -> set[str]:
-        return {iid for iid, inst in self.instances.items() if inst.role == role}
+    def _role_map(self) -> dict[str, str]:
+        return {iid: inst.role for iid, inst in self.instances.items()}
 
     def _states(self) -> list[InstanceState]:
         return [s for s in (inst.policy_state() for inst in self.instances.values()) if s is not None]
@@ -345,25 +346,24 @@ class GlobalScheduler:
         instance if none of those serves: then prefill instances decode too."""
         states = self._states()
         serving = [s.instance_id for s in states if s.accepting]
-        pool = set(takes_decodes({i: inst.role for i, inst in self.instances.items()}, serving))
+        pool = set(takes_decodes(self._role_map(), serving))
         return [s for s in states if s.instance_id in pool] if pool else states
 
     def _pd_step(self) -> None:
-        if self._roles(PREFILL) or self._roles(DECODE):
-            states = self._states()
-            prefill = [s for s in states if s.instance_id in self._roles(PREFILL) and s.accepting]
-            decode = [s for s in states if s.instance_id not in self._roles(PREFILL) and s.accepting]
-            busy = self._busy()
-            for move in plan_handoffs(prefill, decode, busy, self.handoff):
+        roles = self._role_map()
+        if PREFILL in roles.values() or DECODE in roles.values():
+            open_ = [s for s in self._states() if s.accepting]
+            prefill = [s for s in open_ if roles[s.instance_id] == PREFILL]
+            decode = [s for s in open_ if roles[s.instance_id] != PREFILL]
+            for move in plan_handoffs(prefill, decode, self._busy(), self.handoff):
                 self._launch(move, handoff=True)
-            takers = [s for s in states if s.instance_id not in self._roles(DECODE) and s.accepting]
+            takers = [s for s in open_ if roles[s.instance_id] != DECODE]
             if takers:
-                for move in plan_prompt_returns([s for s in decode if s.instance_id in self._roles(DECODE)],
-                                                takers, busy | set(self.migrating), self.handoff.headroom_blocks):
+                for move in plan_prompt_returns([s for s in decode if roles[s.instance_id] == DECODE], takers,
+                                                self._busy(), self.handoff.headroom_blocks):
                     self._launch(move)
         if self.config.pd_adaptive:
-            change = adapt_roles(self._states(), {i: inst.role for i, inst in self.instances.items()},
-                                 self.adaptive, time.monotonic(), self._last_role_change)
+            change = adapt_roles(self._states(), roles, self.adaptive, time.monotonic(), self._last_role_change)
             if change is not None:
                 self._last_role_change = time.monotonic()
                 log.info("adaptive roles: %s becomes %s: %s", change.instance_id, change.role, change.reason)
