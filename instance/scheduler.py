@@ -2,7 +2,11 @@
 
 `schedule()` returns a plain `SchedulerOutput`; it moves block ids and counters, never tensors. Running
 requests go first (decodes and unfinished prefills, highest priority first), then waiting requests are
-admitted in (priority, arrival) order while the step's token budget and free blocks last. When a running
+admitted in (priority, arrival) order while the step's token budget and free blocks last. A request is admitted
+only when the blocks for its whole prompt (every token it has to compute, not just this step's chunk) fit with
+one block to spare per running request, and it gets them all at once: a long prompt admitted on its first
+chunk would otherwise take the blocks the running decodes grow into and preempt them for its later chunks,
+and under a burst that thrashes (each preemption is recomputed). When a running
 request needs a block and none is free, the lowest-priority, newest running request is preempted: its blocks
 are freed and it waits to be recomputed. One request alone always fits (the engine checks that the cache
 holds `max_model_len` tokens), so preemption always makes progress.
@@ -98,8 +102,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            need = max(0, blocks_for(req.num_computed_tokens + n, self.block_size) - len(req.block_ids))
-            if not self.pool.can_allocate(need):
+            need = max(0, blocks_for(req.num_tokens, self.block_size) - len(req.block_ids))   # the whole prompt
+            if not self.pool.can_allocate(need + len(self.running)):   # + a block for each running one to grow into
                 break  # head of line waits; later arrivals do not overtake it
             req.block_ids += self.pool.allocate(need)
             self.waiting.pop(0)

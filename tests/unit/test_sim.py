@@ -130,7 +130,8 @@ def test_migration_takes_load_off_an_instance_that_round_robin_overloaded():
     still = simulate(wl, rr, COST)
     moved = simulate(wl, replace(rr, migrate=True), COST)
     assert still.migrations == 0 and moved.migrations > 0
-    assert moved.preemptions < still.preemptions
+    worst = lambda res: max(r.ttft_s for r in res.records)   # noqa: E731
+    assert worst(moved) < 0.75 * worst(still)                # the long ones queue on two instances without it
     assert moved.end_s < still.end_s
 
 
