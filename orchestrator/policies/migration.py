@@ -4,7 +4,10 @@ where every request of a draining instance goes.
 Freeness is Llumnix's (`dispatch.freeness`: capacity minus virtual usage, per request in the batch). An
 instance gives work away when its freeness is below `source_freeness`, or it has waiting or preempted
 requests, or it drains (infinite virtual usage: it gives everything, cooldown or not); an accepting instance
-with an empty queue and freeness above `target_freeness` takes it. A round pairs the lowest-freeness sources
+with an empty queue and freeness above `target_freeness` takes it. A source with a waiting queue first offers
+its waiting requests, head first (up to `max_waiting_offers`): one that has not started has no KV to copy, so
+moving it costs a hand-over and nothing else, and it starts at once on an instance with room instead of
+waiting behind the queue; a running request goes only if no waiting one fits anywhere. A round pairs the lowest-freeness sources
 with the highest-freeness destinations, at most `max_moves` times, and after each pick updates its own view of
 both instances, so one round neither floods a destination nor keeps draining a source that is no longer
 loaded.
@@ -39,6 +42,7 @@ class MigrationPolicyConfig:
     max_moves: int = 2                 # moves per round
     cooldown_s: float = 1.0            # an instance takes part in no move for this long after its last one
     headroom_blocks: int = 4           # free blocks a destination keeps after taking a request
+    max_waiting_offers: int = 4        # waiting requests (head first) a queued source offers before a running one
     high_priority_headroom: float = HIGH_PRIORITY_HEADROOM  # share of capacity set aside per high-priority request
 
     def __post_init__(self) -> None:
@@ -105,18 +109,30 @@ def choose_request(requests, cfg: MigrationPolicyConfig, block_size: int,
     return min(movable, key=keys[cfg.choose])
 
 
-def _give_away(inst: InstanceState, cfg: MigrationPolicyConfig) -> RequestInfo | None:
-    """The request `inst` gives away this round, or None if it is not a source."""
+def _waiting_in_queue_order(inst: InstanceState) -> list[RequestInfo]:
+    """The waiting requests of `inst` in the order the instance admits them: priority, then arrival."""
+    order = {r.request_id: n for n, r in enumerate(inst.requests)}
+    return sorted((r for r in inst.requests if r.status == "waiting"),
+                  key=lambda r: (-r.priority, order[r.request_id]))
+
+
+def _offers(inst: InstanceState, cfg: MigrationPolicyConfig) -> list[RequestInfo]:
+    """What `inst` would give away this round, best first; [] if it is not a source. A queued (or draining)
+    source offers its first `max_waiting_offers` waiting requests, then the running one `choose_request`
+    picks; a source loaded only by the headroom of its high-priority requests offers a normal running one."""
     queued = inst.load.num_waiting > 0 or inst.load.num_preempted > 0
     if inst.draining or queued or _free(inst, cfg, headroom=False) < cfg.source_freeness:
-        return choose_request(inst.requests, cfg, inst.load.block_size)
+        waiting = _waiting_in_queue_order(inst)[:cfg.max_waiting_offers] if queued or inst.draining else []
+        running = choose_request(inst.requests, cfg, inst.load.block_size)
+        return waiting + ([running] if running is not None else [])
     if _free(inst, cfg) < cfg.source_freeness:     # loaded only by the headroom of its high-priority requests
-        return choose_request(inst.requests, cfg, inst.load.block_size, normal_only=True)
-    return None
+        running = choose_request(inst.requests, cfg, inst.load.block_size, normal_only=True)
+        return [running] if running is not None else []
+    return []
 
 
 def is_source(inst: InstanceState, cfg: MigrationPolicyConfig) -> bool:
-    return _give_away(inst, cfg) is not None
+    return bool(_offers(inst, cfg))
 
 
 def pick_destination(candidates: list[InstanceState], exclude: set[str], blocks_needed: int,
@@ -141,13 +157,8 @@ def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, 
     while len(moves) < cfg.max_moves:
         sources = sorted((i for i in view.values() if i.instance_id not in took and is_source(i, cfg)),
                          key=lambda i: (_free(i, cfg), i.instance_id))
-        for src in sources:
-            req = _give_away(src, cfg)
-            dst = pick_destination(list(view.values()), gave | {src.instance_id},
-                                   blocks_of(req, src.load.block_size), cfg)
-            if dst is not None:
-                break
-        else:
+        req, src, dst = _first_fit(sources, list(view.values()), gave, cfg)
+        if dst is None:
             return moves
         moves.append(PlannedMove(req.request_id, src.instance_id, dst.instance_id,
                                  f"{_why_source(src, cfg)} -> {dst.instance_id} freeness {_free(dst, cfg):.1f}; "
@@ -156,6 +167,18 @@ def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, 
         took.add(dst.instance_id)
         view[src.instance_id], view[dst.instance_id] = _give(src, req), _take(dst, req)
     return moves
+
+
+def _first_fit(sources: list[InstanceState], view: list[InstanceState], gave: set[str],
+               cfg: MigrationPolicyConfig) -> tuple[RequestInfo | None, InstanceState | None, InstanceState | None]:
+    """The first (request, source, destination) that fits, trying sources in order and each one's offers in
+    order; (None, None, None) if nothing fits."""
+    for src in sources:
+        for req in _offers(src, cfg):
+            dst = pick_destination(view, gave | {src.instance_id}, blocks_of(req, src.load.block_size), cfg)
+            if dst is not None:
+                return req, src, dst
+    return None, None, None
 
 
 def plan_drain(draining: InstanceState, others: list[InstanceState], cfg: MigrationPolicyConfig
@@ -198,6 +221,8 @@ def _why_source(inst: InstanceState, cfg: MigrationPolicyConfig) -> str:
 
 
 def _why_request(req: RequestInfo, choose: str) -> str:
+    if req.status == "waiting":
+        return f"waiting request ({req.num_tokens} tokens, not started: no KV to copy)"
     if choose == "lowest-priority":
         return f"lowest-priority request (priority {req.priority}, {req.num_tokens} tokens)"
     return f"{choose} request ({req.num_tokens} tokens)"

@@ -12,6 +12,8 @@ function of its inputs and seed):
   reserves the new blocks on the destination and copies them), then, at the source's next step boundary,
   the request leaves the batch, the last blocks are copied (the downtime) and the destination admits it.
   A request that finishes or is preempted during pre-copy stays where it is (the reservation is released).
+  A waiting request (no KV yet) has nothing to pre-copy: it leaves the source's queue at the next step
+  boundary and joins the destination's after one stage's fixed cost.
 
 Migration timings are a model, not a measurement: see `MigrationCost`.
 """
@@ -128,6 +130,7 @@ class _Migration:
     src: SimInstance
     dst: SimInstance
     reserved: list[int]
+    preemptions: int = 0       # the request's count when the migration started: a preemption aborts it
     copied_blocks: int = 0
     stage: int = 0
 
@@ -250,13 +253,13 @@ class Simulator:
 
     # ----- live migration --------------------------------------------------------------------------------
     def _start_migration(self, req: Request, src: SimInstance, dst: SimInstance) -> None:
-        mig = _Migration(req, src, dst, [])
+        mig = _Migration(req, src, dst, [], preemptions=req.num_preemptions)
         self._migrating[req.request_id] = mig
         self._stage(mig)
 
     def _stage(self, mig: _Migration) -> None:
         """Pre-copy what has been computed since the last stage, while the request keeps running."""
-        if not self._still_running(mig):
+        if not self._still_movable(mig):
             return self._abort(mig)
         delta = blocks_for(mig.req.num_computed_tokens, self.cfg.block_size) - mig.copied_blocks
         cost = self.cfg.migration_cost
@@ -274,7 +277,7 @@ class Simulator:
 
     def _last_stage(self, mig: _Migration) -> None:
         """Between two steps of the source: take the request out of its batch and copy what is left."""
-        if not self._still_running(mig):
+        if not self._still_movable(mig):
             return self._abort(mig)
         need = blocks_for(mig.req.num_computed_tokens, self.cfg.block_size) - mig.copied_blocks
         if need > 0 and not mig.dst.pool.can_allocate(need):
@@ -294,9 +297,11 @@ class Simulator:
         self._kick(mig.dst)
         self._kick(mig.src)
 
-    def _still_running(self, mig: _Migration) -> bool:
+    def _still_movable(self, mig: _Migration) -> bool:
+        """Still on the source, running or waiting, and not preempted since the migration started."""
         req = mig.req
-        return mig.src.requests.get(req.request_id) is req and req.status is RequestStatus.RUNNING
+        return (mig.src.requests.get(req.request_id) is req and req.num_preemptions == mig.preemptions
+                and req.status in (RequestStatus.RUNNING, RequestStatus.WAITING))
 
     def _abort(self, mig: _Migration) -> None:
         if mig.reserved:

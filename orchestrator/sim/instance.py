@@ -98,7 +98,7 @@ class SimInstance:
         self.pool.commit_reserved(block_ids)
         req.block_ids = list(block_ids)
         self.requests[req.request_id] = req
-        self.scheduler.add_running(req)
+        self.resume(req)
 
     # ----- what the control plane sees -------------------------------------------------------------------
     def load(self) -> LoadSnapshot:

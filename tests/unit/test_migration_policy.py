@@ -58,10 +58,23 @@ def test_overloaded_gives_its_shortest_requests_to_the_idle_one_until_it_is_no_l
 def test_waiting_or_preempted_requests_make_an_instance_a_source_even_with_decent_freeness():
     a = inst("a", 60, req("a1"), req("a2", 48), req("w", 32, status="waiting"))   # freeness (60 - 2) / 3 = 19.3
     moves = plan_migrations([a, inst("b", 100)], MigrationPolicyConfig(max_moves=1), 0.0, {})
-    assert [(m.request_id, m.dst) for m in moves] == [("a1", "b")]
+    assert [(m.request_id, m.dst) for m in moves] == [("w", "b")]
     assert moves[0].reason.startswith("a has 1 waiting (freeness 19.3) -> b")
+    assert moves[0].reason.endswith("waiting request (32 tokens, not started: no KV to copy)")
     p = inst("p", 60, req("p1"), req("w", 32, status="waiting", preemptions=1))
     assert "1 waiting, 1 preempted" in plan_migrations([p, inst("b", 100)], MigrationPolicyConfig(), 0.0, {})[0].reason
+
+
+def test_a_queued_source_gives_its_head_first_and_a_running_request_when_no_waiting_one_fits():
+    # queue order: priority first, then arrival; a waiting request needs room for its whole prompt
+    a = inst("a", 4, req("r1", 200), req("w-big", 1600, status="waiting"), req("w-small", 64, status="waiting"),
+             req("w-high", 400, status="waiting", priority=1))
+    cfg = MigrationPolicyConfig(max_moves=1)
+    assert plan([a, inst("b", 100)], cfg) == [("w-high", "a", "b")]       # the head: high priority goes first
+    assert plan([a, inst("b", 26)], cfg) == [("w-small", "a", "b")]       # 25 + 4 blocks do not fit in 26; 4 + 4 do
+    only_big = inst("a", 4, req("r1", 200), req("w-big", 1600, status="waiting"))
+    assert plan([only_big, inst("b", 100)], cfg) == [("r1", "a", "b")]    # 100 blocks fit nowhere: a running one
+    assert plan([a, inst("b", 100)], MigrationPolicyConfig(max_moves=1, max_waiting_offers=0)) == [("r1", "a", "b")]
 
 
 def test_an_instance_with_waiting_requests_is_not_a_destination():
