@@ -171,3 +171,25 @@ def test_the_reconcile_loop_moves_work_off_an_overloaded_instance_by_itself(ray_
         results = [list(s) for s in streams]
         assert all(r[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH for r in results)
         c.wait_all_blocks_free()
+
+
+def test_rebalance_moves_a_queued_request_to_an_idle_instance_where_it_starts_at_once(ray_local):
+    # one batch slot per instance: the second request queues on instance-0 while instance-1 is drained
+    with deployment("e2e-queued", engine=dict(max_num_seqs=1), auto_migrate=False) as c:
+        drain(c, "instance-1")
+        first = c.gen.Generate(request(prompt="runs", max_tokens=LONG, ignore_eos=True, request_id="runs"),
+                               timeout=120)
+        assert next(first).instance_id == "instance-0"
+        queued = c.gen.Generate(request(prompt="waits", max_tokens=32, ignore_eos=True, request_id="waits"),
+                                timeout=120)
+        c.wait_for_load("instance-0", lambda l: l.num_running == 1 and l.num_waiting == 1)
+        undrain(c, "instance-1")
+        resp = c.admin.Rebalance(admin_pb2.RebalanceRequest(), timeout=60)
+        assert [(m.request_id, m.src, m.dst, m.state) for m in resp.migrations] == \
+               [("waits", "instance-0", "instance-1", admin_pb2.MIGRATION_STATE_COMMITTED)]
+        chunks = list(queued)
+        assert {ch.instance_id for ch in chunks} == {"instance-1"}     # it never ran on instance-0
+        assert chunks[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+        assert sum(len(ch.token_ids) for ch in chunks) == 32
+        first.cancel()
+        c.wait_all_blocks_free()
