@@ -16,6 +16,7 @@ from tests.e2e.helpers import TINY, deployment, request, tokens_of
 from tidal.v1 import generation_pb2
 
 N_REQUESTS = 200
+KILL_EVERY = 30   # finished requests between two kills: six kills in a run
 
 
 def make_cases(rng: random.Random) -> list[dict]:
@@ -41,9 +42,16 @@ def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
                     request_retries=5) as c:
         done = threading.Event()
         kills: list[str] = []
+        finished = [0]                         # requests finished, under `lock`
+        lock = threading.Lock()
 
         def chaos():
-            while not done.wait(rng.uniform(1.5, 3.0)):
+            # a kill after every KILL_EVERY finished requests, so the kills land while the load runs however
+            # fast this machine is (a timer-paced chaos once saw the whole workload finish after two kills)
+            next_at = KILL_EVERY
+            while not done.wait(0.2):
+                if finished[0] < next_at:
+                    continue
                 try:
                     views = [v for v in ray.get(c.deployment.scheduler.list_instances.remote(), timeout=60)
                              if v.state == "serving"]
@@ -58,13 +66,19 @@ def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
                         os.kill(victim.info.pid, signal.SIGKILL)
                     else:
                         ray.kill(victim.actor)
+                else:
+                    continue                  # a killed instance is still restarting: try again shortly
                 kills.append(what)
+                next_at += KILL_EVERY
 
         def run(case):
             try:
                 return case["request_id"], c.generate(timeout=180, **case), None
             except grpc.RpcError as e:
                 return case["request_id"], None, e
+            finally:
+                with lock:
+                    finished[0] += 1
 
         killer = threading.Thread(target=chaos)
         killer.start()
@@ -74,7 +88,7 @@ def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
         finally:
             done.set()
             killer.join(timeout=60)
-        assert len(kills) >= 3, f"the chaos did not happen: {kills}"
+        assert len(kills) >= 4, f"the chaos did not happen: {kills}"
         identical = 0
         for rid, chunks, err in results:
             if err is not None:

@@ -1,8 +1,8 @@
 """`tidal serve` with the real default model in a subprocess, driven by `tidal generate` and `tidal status`."""
 
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,26 +13,24 @@ import pytest
 TIDAL = str(Path(sys.executable).parent / "tidal")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tidal-serve-{port}.log", "w+")
+def server(tmp_path_factory):
+    # --port 0: the server binds a free port itself and prints it (picking one here and passing it raced
+    # with other processes binding ports in between)
+    log_path = tmp_path_factory.mktemp("serve") / "tidal-serve.log"
+    log = open(log_path, "w+")
     proc = subprocess.Popen(
-        [TIDAL, "serve", "--model", "smollm2-135m", "--instances", "1", "--host", "127.0.0.1", "--port", str(port),
+        [TIDAL, "serve", "--model", "smollm2-135m", "--instances", "1", "--host", "127.0.0.1", "--port", "0",
          "--kv-cache-gib", "0.25", "--deployment", "smoke"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
-    while "tidal: ready" not in Path(log.name).read_text():
+    while "tidal: ready" not in log_path.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"tidal serve did not become ready:\n{Path(log.name).read_text()[-3000:]}")
+            pytest.fail(f"tidal serve did not become ready:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
+    port = int(re.search(r"tidal: listening on 127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
+    assert port > 0
     yield proc, f"127.0.0.1:{port}", log
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
