@@ -204,6 +204,8 @@ class Replay:
                 if resp.token_ids:
                     r.chunk_times_s.append(now)
                     r.chunk_tokens.append(len(resp.token_ids))
+                    if resp.instance_id and (not r.instances or r.instances[-1] != resp.instance_id):
+                        r.instances.append(resp.instance_id)
                 r.end_s = now
                 if resp.finish_reason:
                     r.finish_reason = generation_pb2.FinishReason.Name(resp.finish_reason).removeprefix(

@@ -13,7 +13,7 @@ from orchestrator.bench.stats import (Distribution, RequestRecord, Summary, e2e_
 
 CSV_COLUMNS = ("index", "request_id", "priority", "prompt_tokens", "max_tokens", "scheduled_s", "sent_s",
                "send_lag_ms", "ttft_ms", "tpot_ms", "e2e_ms", "itl_mean_ms", "itl_max_ms", "output_tokens", "status",
-               "finish_reason", "error")
+               "finish_reason", "error", "instances")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -30,6 +30,7 @@ def request_row(r: RequestRecord) -> dict:
         "ttft_ms": _ms(ttft_s(r)), "tpot_ms": _ms(tpot_s(r)), "e2e_ms": _ms(e2e_s(r)),
         "itl_mean_ms": _ms(sum(gaps) / len(gaps)) if gaps else None, "itl_max_ms": _ms(max(gaps)) if gaps else None,
         "output_tokens": r.tokens, "status": r.status, "finish_reason": r.finish_reason, "error": r.error,
+        "instances": " > ".join(r.instances),
     }
 
 

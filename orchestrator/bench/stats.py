@@ -41,6 +41,7 @@ class RequestRecord:
     status: str = OK                                            # OK, or the gRPC status code's name
     error: str = ""                                             # the server's message with a failed status
     finish_reason: str = ""
+    instances: list[str] = field(default_factory=list)          # that sent its tokens, in order (a move adds one)
 
     @property
     def ok(self) -> bool:

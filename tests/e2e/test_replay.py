@@ -49,6 +49,7 @@ class TimedServicer(generation_pb2_grpc.GenerationServiceServicer):
             sends.append(time.monotonic())
             yield generation_pb2.GenerateResponse(
                 request_id=request.request_id, seq=i, token_ids=[i % 200], text="x",
+                instance_id="instance-a" if i < n // 2 else "instance-b",    # moved halfway
                 finish_reason=generation_pb2.FINISH_REASON_LENGTH if last else 0,
                 usage=generation_pb2.Usage(prompt_tokens=len(request.token_ids.ids), completion_tokens=n)
                 if last else None)
@@ -167,6 +168,7 @@ def test_measured_latencies_match_the_servers_known_timings(server, tmp_path, ca
     server_gaps = []
     for r in ok:
         assert r["output_tokens"] == r["max_tokens"] and r["finish_reason"] == "LENGTH"
+        assert r["instances"] == "instance-a > instance-b"
         arrived, sends = server.servicer.sends[r["request_id"]]
         n = len(sends)
         server_ttft, server_e2e = 1000 * (sends[0] - arrived), 1000 * (sends[-1] - arrived)
