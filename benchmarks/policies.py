@@ -17,7 +17,8 @@ blocks of 16 tokens per instance, 48 = 768 tokens, also the max_model_len: a few
 is bounded by memory and an unlucky instance queues and preempts):
 - rr:        dispatch round-robin, auto-migration off;
 - leastload: dispatch to the fewest running + waiting requests, auto-migration off;
-- tidal:     dispatch by freeness (Llumnix virtual usage), auto-migration on (rebalancing by live migration).
+- tidal:     dispatch by freeness (Llumnix virtual usage), auto-migration on (rebalancing by live migration);
+- freeness:  (not run by default: an ablation) Tidal's dispatch with auto-migration off.
 
 Reported per policy: TTFT P50/P99, TPOT P99 (orchestrator/bench/stats.py definitions), preemptions (summed
 over the instances' engines), completed requests, migrations. With --repeats > 1 the policies alternate in
@@ -48,8 +49,10 @@ FIRST_ROW = 2000
 POLICIES = {
     "rr": dict(dispatch_policy="round-robin", auto_migrate=False),
     "leastload": dict(dispatch_policy="least-load", auto_migrate=False),
+    "freeness": dict(dispatch_policy="freeness", auto_migrate=False),
     "tidal": dict(dispatch_policy="freeness", auto_migrate=True),
 }
+DEFAULT_POLICIES = ["rr", "leastload", "tidal"]
 
 
 @dataclass
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-prompt", type=int, default=512)
     parser.add_argument("--max-output", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=DEFAULT_POLICIES)
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

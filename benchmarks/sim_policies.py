@@ -1,13 +1,13 @@
 """Dispatch and migration policies in the simulator: round-robin vs least-load (both without migration) vs
 Tidal (freeness dispatch + live migration) on 16 simulated instances, and Tidal's priorities.
 
-    python -m benchmarks.sim_policies [--instances 16] [--rate 6] [--cvs 2 4 6] [--num-blocks 96]
+    python -m benchmarks.sim_policies [--instances 16] [--rate 3] [--cvs 2 4 6] [--num-blocks 64]
                                       [--requests 2000] [--seeds 0 1 2] [--priorities] [--cost PATH]
 
 Instances: `orchestrator/sim` (the real batch scheduler and block pool of `instance/`, step times from the cost
 model fitted to the native engine's measured steps on SmolLM2-135M, orchestrator/sim/step_costs.json), each
-with `--num-blocks` KV blocks of 16 tokens (96 = 1,536 tokens: a few requests each, so memory, not the batch
-limit of 64, bounds the batch), 512 batched tokens per step. The frontend dispatches on load snapshots pushed
+with `--num-blocks` KV blocks of 16 tokens (64 = 1,024 tokens: a p99 prompt of 768 tokens takes three quarters
+of an instance's KV, so memory, not the batch limit of 64, bounds the batch), 512 batched tokens per step. The frontend dispatches on load snapshots pushed
 every 50 ms plus what it sent since; the migration policy runs every 0.5 s (the live defaults).
 
 Workload: `--requests` rows of the Azure LLM conversation trace (azure_llm_2023/AzureLLMInferenceTrace_conv.csv,
@@ -154,8 +154,8 @@ def priorities(args, cost: StepCostModel) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--instances", type=int, default=16)
-    ap.add_argument("--num-blocks", type=int, default=96, help="KV blocks of 16 tokens per instance")
-    ap.add_argument("--rate", type=float, default=6.0, help="mean arrivals per second")
+    ap.add_argument("--num-blocks", type=int, default=64, help="KV blocks of 16 tokens per instance")
+    ap.add_argument("--rate", type=float, default=3.0, help="mean arrivals per second")
     ap.add_argument("--cvs", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="CVs of the gamma gaps")
     ap.add_argument("--requests", type=int, default=2000, help="requests per run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
