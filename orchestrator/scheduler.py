@@ -117,6 +117,7 @@ class GlobalScheduler:
         self.migrating: dict[str, asyncio.Task] = {}             # request id -> migration task
         self.recent: deque[MigrationRecord] = deque(maxlen=RECENT_MIGRATIONS)
         self.last_move_at: dict[str, float] = {}
+        self.request_moved_at: dict[str, float] = {}      # request id -> when rebalancing last moved it
         self._last_rebalance = 0.0
         self.handoff = HandoffConfig(max_per_source=cfg.migration.max_concurrent,
                                      max_per_destination=cfg.migration.max_concurrent,
@@ -330,7 +331,9 @@ class GlobalScheduler:
         """Rebalancing among the instances that decode; prefill instances hand their requests over instead."""
         roles = self._role_map()
         states = [s for s in self._decode_states() if roles[s.instance_id] != PREFILL]
-        moves = plan_migrations(states, self.policy, now, self.last_move_at)
+        self.request_moved_at = {rid: t for rid, t in self.request_moved_at.items()
+                                 if now - t < self.policy.request_cooldown_s}
+        moves = plan_migrations(states, self.policy, now, self.last_move_at, self.request_moved_at)
         busy = self._busy()
         return [m for m in moves if m.request_id not in busy]
 
@@ -426,6 +429,7 @@ class GlobalScheduler:
         log.info("migrate %s: %s", move.request_id, move.reason)
         if not handoff:         # hand-overs are part of serving a request, not rebalancing: no cooldown
             self.last_move_at[move.src] = self.last_move_at[move.dst] = time.monotonic()
+            self.request_moved_at[move.request_id] = time.monotonic()
         task = asyncio.ensure_future(self._run_migration(move.request_id, move.src, move.dst, handoff))
         self.migrating[move.request_id] = task
         task.add_done_callback(lambda _: self.migrating.pop(move.request_id, None))

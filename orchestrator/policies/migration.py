@@ -17,7 +17,11 @@ virtual usage. An instance that is a source only because of that headroom gives 
 normal work moves away from instances serving high-priority requests and high-priority requests stay put; a
 source that is loaded anyway gives its lowest-priority requests first.
 
-Pure: the clock comes in as `now` and `last_move_at`; the caller records `last_move_at` for the moves it
+A request that rebalancing moved stays where it went for `request_cooldown_s` (the caller passes when each
+request last moved, `moved_at`): on a loaded cluster the snapshots lag the moves, and without it a request
+can bounce between two instances, paying the hand-over each time.
+
+Pure: the clock comes in as `now`, `last_move_at` and `moved_at`; the caller records them for the moves it
 carries out. The caller also leaves out of `InstanceState.requests` any request already being migrated (it
 still runs on the source while its blocks are pre-copied). All instances are assumed to share one block size.
 """
@@ -41,6 +45,7 @@ class MigrationPolicyConfig:
     min_remaining_tokens: int = 16     # a request this close to max_tokens finishes where it is
     max_moves: int = 2                 # moves per round
     cooldown_s: float = 1.0            # an instance takes part in no move for this long after its last one
+    request_cooldown_s: float = 10.0   # a request that rebalancing moved is not moved again for this long
     headroom_blocks: int = 4           # free blocks a destination keeps after taking a request
     max_waiting_offers: int = 4        # waiting requests (head first) a queued source offers before a running one
     high_priority_headroom: float = HIGH_PRIORITY_HEADROOM  # share of capacity set aside per high-priority request
@@ -116,23 +121,27 @@ def _waiting_in_queue_order(inst: InstanceState) -> list[RequestInfo]:
                   key=lambda r: (-r.priority, order[r.request_id]))
 
 
-def _offers(inst: InstanceState, cfg: MigrationPolicyConfig) -> list[RequestInfo]:
+def _offers(inst: InstanceState, cfg: MigrationPolicyConfig, settled: frozenset[str] = frozenset()
+            ) -> list[RequestInfo]:
     """What `inst` would give away this round, best first; [] if it is not a source. A queued (or draining)
     source offers its first `max_waiting_offers` waiting requests, then the running one `choose_request`
-    picks; a source loaded only by the headroom of its high-priority requests offers a normal running one."""
+    picks; a source loaded only by the headroom of its high-priority requests offers a normal running one.
+    Requests in `settled` (moved within `request_cooldown_s`) are not offered."""
     queued = inst.load.num_waiting > 0 or inst.load.num_preempted > 0
+    mine = [r for r in inst.requests if r.request_id not in settled]
     if inst.draining or queued or _free(inst, cfg, headroom=False) < cfg.source_freeness:
-        waiting = _waiting_in_queue_order(inst)[:cfg.max_waiting_offers] if queued or inst.draining else []
-        running = choose_request(inst.requests, cfg, inst.load.block_size)
-        return waiting + ([running] if running is not None else [])
+        waiting = [r for r in _waiting_in_queue_order(inst) if r.request_id not in settled] \
+            if queued or inst.draining else []
+        running = choose_request(mine, cfg, inst.load.block_size)
+        return waiting[:cfg.max_waiting_offers] + ([running] if running is not None else [])
     if _free(inst, cfg) < cfg.source_freeness:     # loaded only by the headroom of its high-priority requests
-        running = choose_request(inst.requests, cfg, inst.load.block_size, normal_only=True)
+        running = choose_request(mine, cfg, inst.load.block_size, normal_only=True)
         return [running] if running is not None else []
     return []
 
 
-def is_source(inst: InstanceState, cfg: MigrationPolicyConfig) -> bool:
-    return bool(_offers(inst, cfg))
+def is_source(inst: InstanceState, cfg: MigrationPolicyConfig, settled: frozenset[str] = frozenset()) -> bool:
+    return bool(_offers(inst, cfg, settled))
 
 
 def pick_destination(candidates: list[InstanceState], exclude: set[str], blocks_needed: int,
@@ -144,10 +153,12 @@ def pick_destination(candidates: list[InstanceState], exclude: set[str], blocks_
 
 
 def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, now: float,
-                    last_move_at: dict[str, float]) -> list[PlannedMove]:
+                    last_move_at: dict[str, float], moved_at: dict[str, float] | None = None) -> list[PlannedMove]:
     """Up to `max_moves` moves from the most loaded instances to the freest; [] when balanced. Instances in
     cooldown or with a migration in flight (their snapshot does not show its effect yet) sit the round out,
-    except draining ones, which give a request every round."""
+    except draining ones, which give a request every round. `moved_at`: request id -> when rebalancing last
+    moved it; those moved within `request_cooldown_s` stay put (a draining instance still gives them)."""
+    settled = frozenset(rid for rid, t in (moved_at or {}).items() if now - t < cfg.request_cooldown_s)
     view = {i.instance_id: i for i in instances
             if i.draining or (now - last_move_at.get(i.instance_id, -math.inf) >= cfg.cooldown_s
                               and i.migrations_in == 0 and i.migrations_out == 0)}
@@ -155,9 +166,10 @@ def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, 
     took: set[str] = set()
     moves: list[PlannedMove] = []
     while len(moves) < cfg.max_moves:
-        sources = sorted((i for i in view.values() if i.instance_id not in took and is_source(i, cfg)),
+        sources = sorted((i for i in view.values()
+                          if i.instance_id not in took and is_source(i, cfg, frozenset() if i.draining else settled)),
                          key=lambda i: (_free(i, cfg), i.instance_id))
-        req, src, dst = _first_fit(sources, list(view.values()), gave, cfg)
+        req, src, dst = _first_fit(sources, list(view.values()), gave, cfg, settled)
         if dst is None:
             return moves
         moves.append(PlannedMove(req.request_id, src.instance_id, dst.instance_id,
@@ -169,12 +181,12 @@ def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, 
     return moves
 
 
-def _first_fit(sources: list[InstanceState], view: list[InstanceState], gave: set[str],
-               cfg: MigrationPolicyConfig) -> tuple[RequestInfo | None, InstanceState | None, InstanceState | None]:
+def _first_fit(sources: list[InstanceState], view: list[InstanceState], gave: set[str], cfg: MigrationPolicyConfig,
+               settled: frozenset[str]) -> tuple[RequestInfo | None, InstanceState | None, InstanceState | None]:
     """The first (request, source, destination) that fits, trying sources in order and each one's offers in
     order; (None, None, None) if nothing fits."""
     for src in sources:
-        for req in _offers(src, cfg):
+        for req in _offers(src, cfg, frozenset() if src.draining else settled):
             dst = pick_destination(view, gave | {src.instance_id}, blocks_of(req, src.load.block_size), cfg)
             if dst is not None:
                 return req, src, dst

@@ -153,6 +153,7 @@ class Simulator:
         self._migrating: dict[str, _Migration] = {}    # request id -> migration in flight
         self._suspend_at_step_end: dict[str, list[_Migration]] = {i.instance_id: [] for i in self.instances}
         self._last_move_at: dict[str, float] = {}
+        self._request_moved_at: dict[str, float] = {}
         self.records: dict[str, RequestRecord] = {}
         self.migrations = 0
         self.migrations_aborted = 0
@@ -245,10 +246,13 @@ class Simulator:
                                 tuple(r for r in i.list_requests() if r.request_id not in self._migrating),
                                 migrations_out=outs[i.instance_id], migrations_in=ins[i.instance_id])
                   for i in self.instances]
-        for move in plan_migrations(states, self.cfg.migration, self.now, self._last_move_at):
+        cooldown = self.cfg.migration.request_cooldown_s
+        self._request_moved_at = {r: t for r, t in self._request_moved_at.items() if self.now - t < cooldown}
+        for move in plan_migrations(states, self.cfg.migration, self.now, self._last_move_at, self._request_moved_at):
             self._start_migration(self.by_id[move.src].requests[move.request_id], self.by_id[move.src],
                                   self.by_id[move.dst])
             self._last_move_at[move.src] = self._last_move_at[move.dst] = self.now
+            self._request_moved_at[move.request_id] = self.now
         self._at(self.now + self.cfg.rebalance_interval_s, self._rebalance)
 
     # ----- live migration --------------------------------------------------------------------------------

@@ -219,3 +219,16 @@ def test_a_draining_instance_gives_its_requests_every_round_and_takes_none():
     assert [(m.request_id, m.src, m.dst) for m in moves] == [("d1", "d", "b"), ("d2", "d", "b")]   # cooldown or not
     assert moves[0].reason.startswith("d drains -> b")
     assert plan([overloaded("a"), inst("d", 100, draining=True)]) == []
+
+
+def test_a_request_that_just_moved_stays_put_for_the_request_cooldown():
+    cfg = MigrationPolicyConfig(max_moves=1, request_cooldown_s=10.0)
+    instances = [overloaded("a"), inst("b", 100)]
+    assert plan(instances, cfg, now=100.0, last={}) == [("r37", "a", "b")]
+    moved = {"r37": 95.0}                                 # it came to `a` 5 s ago: the next shortest goes
+    assert [m.request_id for m in plan_migrations(instances, cfg, 100.0, {}, moved)] == ["r60"]
+    assert [m.request_id for m in plan_migrations(instances, cfg, 106.0, {}, moved)] == ["r37"]   # 11 s later
+    settled = {r: 99.0 for r in ("r37", "r60", "r80", "r100")}
+    assert plan_migrations(instances, cfg, 100.0, {}, settled) == []
+    draining = inst("a", 10, req("r37", 37), draining=True)   # a drain moves it anyway
+    assert [m.request_id for m in plan_migrations([draining, inst("b", 100)], cfg, 100.0, {}, settled)] == ["r37"]
