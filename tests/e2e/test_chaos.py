@@ -16,7 +16,9 @@ from tests.e2e.helpers import TINY, deployment, request, tokens_of
 from tidal.v1 import generation_pb2
 
 N_REQUESTS = 200
-KILL_EVERY = 30   # finished requests between two kills: six kills in a run
+KILL_EVERY = 20   # finished requests between two kills
+MIN_KILLS = 3     # the last HELD_BACK requests are sent only after this many kills (or 240 s)
+HELD_BACK = 40
 
 
 def make_cases(rng: random.Random) -> list[dict]:
@@ -41,13 +43,15 @@ def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
     with deployment("e2e-chaos", instances=3, restart_dead_instances=True, auto_migrate=True,
                     request_retries=5) as c:
         done = threading.Event()
+        enough = threading.Event()             # MIN_KILLS kills have happened
         kills: list[str] = []
         finished = [0]                         # requests finished, under `lock`
         lock = threading.Lock()
 
         def chaos():
-            # a kill after every KILL_EVERY finished requests, so the kills land while the load runs however
-            # fast this machine is (a timer-paced chaos once saw the whole workload finish after two kills)
+            # a kill after every KILL_EVERY finished requests, and the last HELD_BACK requests wait for the
+            # first MIN_KILLS kills, so the kills land while the load runs however fast this machine is and
+            # however long a restart takes (a timer-paced chaos once saw the workload finish after two kills)
             next_at = KILL_EVERY
             while not done.wait(0.2):
                 if finished[0] < next_at:
@@ -69,9 +73,13 @@ def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
                 else:
                     continue                  # a killed instance is still restarting: try again shortly
                 kills.append(what)
+                if len(kills) >= MIN_KILLS:
+                    enough.set()
                 next_at += KILL_EVERY
 
         def run(case):
+            if int(case["request_id"].split("-")[1]) >= N_REQUESTS - HELD_BACK:
+                enough.wait(240)
             try:
                 return case["request_id"], c.generate(timeout=180, **case), None
             except grpc.RpcError as e:
@@ -88,7 +96,7 @@ def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
         finally:
             done.set()
             killer.join(timeout=60)
-        assert len(kills) >= 4, f"the chaos did not happen: {kills}"
+        assert len(kills) >= MIN_KILLS, f"the chaos did not happen: {kills}"
         identical = 0
         for rid, chunks, err in results:
             if err is not None:
