@@ -59,6 +59,10 @@ class ServeConfig(BaseModel):
         "shortest", description="which request the migration policy moves")
     source_freeness: float = Field(8.0, description="below this freeness an instance gives work away")
     target_freeness: float = Field(24.0, description="above this freeness an instance takes work")
+    migrate_request_cooldown_s: float = Field(10.0, ge=0, description="a request that rebalancing moved is not "
+                                              "moved again for this long")
+    migrate_waiting_offers: int = Field(4, ge=0, description="waiting requests (head first) a queued instance "
+                                        "offers before a running one; 0 moves running requests only")
     drain_timeout_s: float = Field(300.0, gt=0, description="a drain gives up on what is left after this long")
     # prefill/decode disaggregation: the first P instances prefill, the next D decode, any others do both
     prefill_instances: int = Field(0, ge=0, le=256, description="instances that only prefill (hand over after "

@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -111,7 +111,9 @@ class GlobalScheduler:
         self.config = ServeConfig(**config)
         cfg = self.config
         self.policy = MigrationPolicyConfig(source_freeness=cfg.source_freeness, target_freeness=cfg.target_freeness,
-                                            choose=cfg.migrate_choose)
+                                            choose=cfg.migrate_choose,
+                                            request_cooldown_s=cfg.migrate_request_cooldown_s,
+                                            max_waiting_offers=cfg.migrate_waiting_offers)
         self.instances: dict[str, _Instance] = {}
         self.frontends: dict[str, _Frontend] = {}
         self.migrating: dict[str, asyncio.Task] = {}             # request id -> migration task
@@ -330,12 +332,12 @@ class GlobalScheduler:
     def _plan(self, now: float) -> list[PlannedMove]:
         """Rebalancing among the instances that decode; prefill instances hand their requests over instead."""
         roles = self._role_map()
-        states = [s for s in self._decode_states() if roles[s.instance_id] != PREFILL]
+        busy = self._busy()       # left out before planning, so that they take none of the round's moves
+        states = [replace(s, requests=tuple(r for r in s.requests if r.request_id not in busy))
+                  for s in self._decode_states() if roles[s.instance_id] != PREFILL]
         self.request_moved_at = {rid: t for rid, t in self.request_moved_at.items()
                                  if now - t < self.policy.request_cooldown_s}
-        moves = plan_migrations(states, self.policy, now, self.last_move_at, self.request_moved_at)
-        busy = self._busy()
-        return [m for m in moves if m.request_id not in busy]
+        return plan_migrations(states, self.policy, now, self.last_move_at, self.request_moved_at)
 
     # ----- prefill/decode disaggregation ---------------------------------------------------------------------
     def _role_map(self) -> dict[str, str]:

@@ -12,6 +12,7 @@ def test_yaml_file_then_flags_on_top(tmp_path):
     assert cfg.dispatch_policy == "least-load"               # the file fills what flags leave out
     assert cfg.engine.model == "tiny-llama" and cfg.engine.kv_cache_gib == 0.5
     assert cfg.migration.max_stages == 2
+    assert cfg.migrate_request_cooldown_s == 10.0 and cfg.migrate_waiting_offers == 4   # the policy's defaults
 
 
 def test_toml_file(tmp_path):
@@ -26,6 +27,8 @@ def test_toml_file(tmp_path):
     ("dispatch_policy: fastest\n", "dispatch_policy"),
     ("engine:\n  block_size: -1\n", "block_size"),
     ("no_such_setting: 1\n", "no_such_setting"),
+    ("migrate_request_cooldown_s: -1\n", "migrate_request_cooldown_s"),
+    ("migrate_waiting_offers: -1\n", "migrate_waiting_offers"),
     ("- a list\n", "mapping"),
     ("instances: [unclosed\n", "not valid YAML"),
 ])
