@@ -5,10 +5,11 @@ Tidal (freeness dispatch + live migration) on 16 simulated instances, and Tidal'
                                       [--requests 2000] [--seeds 0 1 2] [--priorities] [--cost PATH]
 
 Instances: `orchestrator/sim` (the real batch scheduler and block pool of `instance/`, step times from the cost
-model fitted to the native engine's measured steps on SmolLM2-135M, orchestrator/sim/step_costs.json), each
-with `--num-blocks` KV blocks of 16 tokens (64 = 1,024 tokens: a p99 prompt of 768 tokens takes three quarters
-of an instance's KV, so memory, not the batch limit of 64, bounds the batch), 512 batched tokens per step. The frontend dispatches on load snapshots pushed
-every 50 ms plus what it sent since; the migration policy runs every 0.5 s (the live defaults).
+model fitted to the native engine's measured steps on SmolLM2-135M, orchestrator/sim/step_costs.json), each with
+`--num-blocks` KV blocks of 16 tokens (64 = 1,024 tokens: a p99 prompt of 768 tokens takes three quarters of an
+instance's KV, so memory, not the batch limit of 64, bounds the batch), 512 batched tokens per step. The frontend
+dispatches on load snapshots pushed every 50 ms plus what it sent since; the migration policy runs every 0.5 s (the
+live defaults).
 
 Workload: `--requests` rows of the Azure LLM conversation trace (azure_llm_2023/AzureLLMInferenceTrace_conv.csv,
 Azure/AzurePublicDataset, Splitwise, Patel et al., ISCA 2024, CC-BY 4.0; see ../shared/data/azure_llm_2023/

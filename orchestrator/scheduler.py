@@ -34,7 +34,7 @@ from orchestrator.config import ServeConfig
 from orchestrator.errors import failed_precondition, not_found
 from orchestrator.handles import InstanceHandle
 from orchestrator.policies.migration import (InstanceState, MigrationPolicyConfig, PlannedMove, plan_drain,
-                                             plan_migrations)
+                                             plan_migrations, recent_moves)
 from orchestrator.policies.pd import (BOTH, DECODE, PREFILL, AdaptiveConfig, HandoffConfig, adapt_roles,
                                       check_role, plan_handoffs, plan_prompt_returns, takes_decodes)
 from orchestrator.store import StateStore, open_store
@@ -335,8 +335,7 @@ class GlobalScheduler:
         busy = self._busy()       # left out before planning, so that they take none of the round's moves
         states = [replace(s, requests=tuple(r for r in s.requests if r.request_id not in busy))
                   for s in self._decode_states() if roles[s.instance_id] != PREFILL]
-        self.request_moved_at = {rid: t for rid, t in self.request_moved_at.items()
-                                 if now - t < self.policy.request_cooldown_s}
+        self.request_moved_at = recent_moves(self.request_moved_at, now, self.policy)
         return plan_migrations(states, self.policy, now, self.last_move_at, self.request_moved_at)
 
     # ----- prefill/decode disaggregation ---------------------------------------------------------------------

@@ -1,16 +1,15 @@
-"""Migration: which running request to move, from which instance to which (Llumnix-style rebalancing), and
+"""Migration: which request to move, from which instance to which (Llumnix-style rebalancing), and
 where every request of a draining instance goes.
 
-Freeness is Llumnix's (`dispatch.freeness`: capacity minus virtual usage, per request in the batch). An
-instance gives work away when its freeness is below `source_freeness`, or it has waiting or preempted
-requests, or it drains (infinite virtual usage: it gives everything, cooldown or not); an accepting instance
-with an empty queue and freeness above `target_freeness` takes it. A source with a waiting queue first offers
-its waiting requests, head first (up to `max_waiting_offers`): one that has not started has no KV to copy, so
-moving it costs a hand-over and nothing else, and it starts at once on an instance with room instead of
-waiting behind the queue; a running request goes only if no waiting one fits anywhere. A round pairs the lowest-freeness sources
-with the highest-freeness destinations, at most `max_moves` times, and after each pick updates its own view of
-both instances, so one round neither floods a destination nor keeps draining a source that is no longer
-loaded.
+Freeness is Llumnix's (`dispatch.freeness`: capacity minus virtual usage, per request in the batch). An instance
+gives work away when its freeness is below `source_freeness`, or it has waiting or preempted requests, or it drains
+(infinite virtual usage: it gives everything, cooldown or not); an accepting instance with an empty queue and
+freeness above `target_freeness` takes it. A source with a waiting queue first offers its waiting requests, head
+first (up to `max_waiting_offers`): one that has not started has no KV to copy, so moving it costs a hand-over and
+nothing else, and it starts at once on an instance with room instead of waiting behind the queue; a running request
+goes only if no waiting one fits anywhere. A round pairs the lowest-freeness sources with the highest-freeness
+destinations, at most `max_moves` times, and after each pick updates its own view of both instances, so one round
+neither floods a destination nor keeps draining a source that is no longer loaded.
 
 Priorities: a high-priority request (priority > 0) adds `high_priority_headroom` x capacity to its instance's
 virtual usage. An instance that is a source only because of that headroom gives away normal requests only, so
@@ -126,7 +125,9 @@ def _offers(inst: InstanceState, cfg: MigrationPolicyConfig, settled: frozenset[
     """What `inst` would give away this round, best first; [] if it is not a source. A queued (or draining)
     source offers its first `max_waiting_offers` waiting requests, then the running one `choose_request`
     picks; a source loaded only by the headroom of its high-priority requests offers a normal running one.
-    Requests in `settled` (moved within `request_cooldown_s`) are not offered."""
+    Requests in `settled` (moved within `request_cooldown_s`) are not offered, except by a draining instance."""
+    if inst.draining:
+        settled = frozenset()
     queued = inst.load.num_waiting > 0 or inst.load.num_preempted > 0
     mine = [r for r in inst.requests if r.request_id not in settled]
     if inst.draining or queued or _free(inst, cfg, headroom=False) < cfg.source_freeness:
@@ -144,6 +145,12 @@ def is_source(inst: InstanceState, cfg: MigrationPolicyConfig, settled: frozense
     return bool(_offers(inst, cfg, settled))
 
 
+def recent_moves(moved_at: dict[str, float], now: float, cfg: MigrationPolicyConfig) -> dict[str, float]:
+    """The entries of `moved_at` (request id -> when rebalancing moved it) still within `request_cooldown_s`;
+    callers keep only these, so the map does not grow."""
+    return {rid: t for rid, t in moved_at.items() if now - t < cfg.request_cooldown_s}
+
+
 def pick_destination(candidates: list[InstanceState], exclude: set[str], blocks_needed: int,
                      cfg: MigrationPolicyConfig) -> InstanceState | None:
     fits = [c for c in candidates if c.accepting and not c.draining and c.instance_id not in exclude
@@ -158,7 +165,7 @@ def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, 
     cooldown or with a migration in flight (their snapshot does not show its effect yet) sit the round out,
     except draining ones, which give a request every round. `moved_at`: request id -> when rebalancing last
     moved it; those moved within `request_cooldown_s` stay put (a draining instance still gives them)."""
-    settled = frozenset(rid for rid, t in (moved_at or {}).items() if now - t < cfg.request_cooldown_s)
+    settled = frozenset(recent_moves(moved_at or {}, now, cfg))
     view = {i.instance_id: i for i in instances
             if i.draining or (now - last_move_at.get(i.instance_id, -math.inf) >= cfg.cooldown_s
                               and i.migrations_in == 0 and i.migrations_out == 0)}
@@ -166,8 +173,7 @@ def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, 
     took: set[str] = set()
     moves: list[PlannedMove] = []
     while len(moves) < cfg.max_moves:
-        sources = sorted((i for i in view.values()
-                          if i.instance_id not in took and is_source(i, cfg, frozenset() if i.draining else settled)),
+        sources = sorted((i for i in view.values() if i.instance_id not in took and is_source(i, cfg, settled)),
                          key=lambda i: (_free(i, cfg), i.instance_id))
         req, src, dst = _first_fit(sources, list(view.values()), gave, cfg, settled)
         if dst is None:
@@ -186,7 +192,7 @@ def _first_fit(sources: list[InstanceState], view: list[InstanceState], gave: se
     """The first (request, source, destination) that fits, trying sources in order and each one's offers in
     order; (None, None, None) if nothing fits."""
     for src in sources:
-        for req in _offers(src, cfg, frozenset() if src.draining else settled):
+        for req in _offers(src, cfg, settled):
             dst = pick_destination(view, gave | {src.instance_id}, blocks_of(req, src.load.block_size), cfg)
             if dst is not None:
                 return req, src, dst

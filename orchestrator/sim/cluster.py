@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from instance.request import Request, RequestStatus
 from instance.scheduler import blocks_for
 from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM, Candidate, choose_instance
-from orchestrator.policies.migration import InstanceState, MigrationPolicyConfig, plan_migrations
+from orchestrator.policies.migration import InstanceState, MigrationPolicyConfig, plan_migrations, recent_moves
 from orchestrator.sim.cost_model import StepCostModel
 from orchestrator.sim.instance import SimInstance, make_request
 
@@ -246,8 +246,7 @@ class Simulator:
                                 tuple(r for r in i.list_requests() if r.request_id not in self._migrating),
                                 migrations_out=outs[i.instance_id], migrations_in=ins[i.instance_id])
                   for i in self.instances]
-        cooldown = self.cfg.migration.request_cooldown_s
-        self._request_moved_at = {r: t for r, t in self._request_moved_at.items() if self.now - t < cooldown}
+        self._request_moved_at = recent_moves(self._request_moved_at, self.now, self.cfg.migration)
         for move in plan_migrations(states, self.cfg.migration, self.now, self._last_move_at, self._request_moved_at):
             self._start_migration(self.by_id[move.src].requests[move.request_id], self.by_id[move.src],
                                   self.by_id[move.dst])
