@@ -45,12 +45,14 @@ from dataclasses import replace
 
 from benchmarks.traces import load_trace, sample_rows, scale_lengths
 from orchestrator.bench.schedule import arrival_gaps
+from orchestrator.bench.stats import percentile
 from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM
 from orchestrator.policies.migration import MigrationPolicyConfig
-from orchestrator.sim.cluster import RequestRecord, SimConfig, SimRequest, percentile, simulate
+from orchestrator.sim.cluster import RequestRecord, SimConfig, SimRequest, simulate
 from orchestrator.sim.cost_model import DEFAULT_PATH, StepCostModel
 
 TRACE = "azure-conv"
+POLICY = MigrationPolicyConfig()       # the defaults
 MAX_PROMPT, MAX_OUTPUT = 768, 128
 
 
@@ -160,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cvs", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="CVs of the gamma gaps")
     ap.add_argument("--requests", type=int, default=2000, help="requests per run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--source-freeness", type=float, default=MigrationPolicyConfig.source_freeness)
-    ap.add_argument("--target-freeness", type=float, default=MigrationPolicyConfig.target_freeness)
-    ap.add_argument("--max-moves", type=int, default=MigrationPolicyConfig.max_moves)
-    ap.add_argument("--cooldown", type=float, default=MigrationPolicyConfig.cooldown_s)
+    ap.add_argument("--source-freeness", type=float, default=POLICY.source_freeness)
+    ap.add_argument("--target-freeness", type=float, default=POLICY.target_freeness)
+    ap.add_argument("--max-moves", type=int, default=POLICY.max_moves)
+    ap.add_argument("--cooldown", type=float, default=POLICY.cooldown_s)
     ap.add_argument("--top-k", type=int, default=1, help="tidal dispatches at random among the k freest")
     ap.add_argument("--headroom", type=float, default=HIGH_PRIORITY_HEADROOM,
                     help="share of an instance's blocks set aside per high-priority request (tidal)")

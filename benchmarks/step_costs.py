@@ -38,7 +38,7 @@ import torch
 from instance.engine import Engine
 from instance.request import RequestState
 from instance.sampling import SamplingParams
-from instance.scheduler import blocks_for
+from instance.kv_cache import blocks_for
 from orchestrator.sim.cost_model import FEATURES, StepCostModel, StepWork, step_work
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "orchestrator" / "sim" / "step_costs.json"
@@ -74,8 +74,8 @@ class Stepper:
                              num_computed_tokens=context, params=_params(), seed=self.n,
                              sample_index=len(tokens) - prompt, priority=0, arrival_time=time.monotonic(),
                              text="", text_emitted=0, pending_bytes=b"")
-        blocks = self.engine.reserve_blocks(blocks_for(context, BLOCK_SIZE))
-        self.engine.admit_migrated(state, blocks)
+        self.engine.reserve_import(rid, blocks_for(context, BLOCK_SIZE))
+        self.engine.commit_import(rid, state)
         return rid
 
     def time_step(self, decodes: tuple[int, int] | None, prefill: tuple[int, int] | None
@@ -86,7 +86,7 @@ class Stepper:
             ids += [self.place(decodes[1], 1) for _ in range(decodes[0])]
         if prefill:
             ids.append(self.place(prefill[1], prefill[0]))
-        sched = self.engine.scheduler.schedule()
+        sched = self.engine.core.schedule()
         work = step_work(sched.chunks)
         start = time.process_time()
         sampled = self.engine.runner.execute(sched)

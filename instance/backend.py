@@ -1,7 +1,7 @@
 """The interface the instance layer uses to talk to an engine, and the load snapshot every engine reports.
 
-`InstanceActor` and the migration protocol see only `EngineBackend`, so another engine (vLLM on GPU fleets)
-can plug in here without touching the orchestrator. `create_backend` picks one by name.
+`InstanceActor`, the migration ports and the frontend see only `EngineBackend`, so another engine (vLLM on GPU
+fleets) can plug in here without touching the orchestrator. `create_backend` picks one by name.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from instance.request import RequestOutput, RequestState
     from instance.sampling import SamplingParams
     from instance.tokenizer import Tokenizer
+
+
+class UnknownRequestError(KeyError):
+    """No request with this id is on this engine."""
 
 
 @dataclass(frozen=True)
@@ -57,84 +61,133 @@ class RequestInfo:
     num_computed_tokens: int
     priority: int
     num_preemptions: int
-    block_ids: tuple[int, ...] = ()
 
 
 class EngineBackend(abc.ABC):
-    """What an instance needs from an engine. All methods are called from one thread."""
+    """Everything an instance needs from an engine, and nothing more: `InstanceActor`, the migration ports
+    (`instance/migration_ports.py`) and the frontend use only what is declared here, so another engine plugs in
+    by implementing it and passing the conformance suite (`tests/unit/test_backend_conformance.py`).
 
-    tokenizer: "Tokenizer"
-    max_model_len: int
+    Every method is called from one thread, between two steps, except those marked *beside a step*: they may
+    run in another thread while `step()` runs, and touch only blocks no running request can change.
+
+    KV blocks travel as one tensor per call, [layers, 2, n, block_size, kv_heads, head_dim] (n blocks, in the
+    request's token order). A migration is request-centred on both sides: the source exports a request's
+    blocks by their index within the request, the destination collects them in an *import* keyed by the
+    migration, and never sees the other engine's block ids.
+    """
+
+    # ----- what it serves (fixed for its lifetime) -----------------------------------------------------------
     model_name: str
+    max_model_len: int
+    block_size: int               # tokens per KV block
+    vocab_size: int
+    tokenizer: "Tokenizer"
 
-    # serving
+    # ----- serving -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def validate(self, prompt_token_ids: list[int], params: "SamplingParams", priority: int = 0) -> list[int]:
+        """Check a request's inputs without adding it; raise InvalidRequestError naming the field and the limit."""
+
     @abc.abstractmethod
     def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                     params: "SamplingParams | None" = None, priority: int = 0,
-                    arrival_time: float | None = None) -> None: ...
+                    arrival_time: float | None = None) -> None:
+        """Queue a request (token ids, or a prompt this engine's tokenizer encodes); InvalidRequestError for bad
+        input or an id already in use."""
 
     @abc.abstractmethod
-    def abort(self, request_id: str) -> bool: ...
+    def resume_from_tokens(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+                           params: "SamplingParams", seed: int, priority: int, text_emitted: int) -> None:
+        """Take over a request whose instance died: recompute prompt + the output its client already has, then
+        go on with output token len(output_token_ids), drawing as the lost instance would have; its stream
+        text goes on after the first `text_emitted` characters. InvalidRequestError(field request_id) if the
+        request is already here."""
 
     @abc.abstractmethod
-    def step(self) -> list["RequestOutput"]: ...
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks; False if it is not here."""
 
     @abc.abstractmethod
-    def has_unfinished(self) -> bool: ...
+    def step(self) -> list["RequestOutput"]:
+        """Run one step; an output for every request that got a token (finished ones are gone after)."""
+
+    @abc.abstractmethod
+    def has_unfinished(self) -> bool:
+        """Whether a step has anything to do (suspended requests do not count)."""
 
     @abc.abstractmethod
     def load(self) -> LoadSnapshot: ...
 
     @abc.abstractmethod
-    def check_integrity(self) -> None: ...
+    def request_info(self, request_id: str) -> RequestInfo | None: ...
 
     @abc.abstractmethod
-    def request_info(self, request_id: str, with_blocks: bool = False) -> RequestInfo | None: ...
+    def list_requests(self) -> list[RequestInfo]:
+        """Every request held (running, waiting, suspended), in arrival order."""
 
     @abc.abstractmethod
-    def list_requests(self) -> list[RequestInfo]: ...
+    def check_integrity(self) -> None:
+        """AssertionError unless free + used + reserved == total blocks and every block has one holder."""
 
-    # migration: source half
+    # ----- migration: the source half ------------------------------------------------------------------------
     @abc.abstractmethod
-    def get_block_ids(self, request_id: str) -> list[int]: ...
-
-    @abc.abstractmethod
-    def num_computed_tokens(self, request_id: str) -> int: ...
-
-    @abc.abstractmethod
-    def export_blocks(self, block_ids: list[int]) -> "torch.Tensor": ...
+    def export_blocks(self, request_id: str, start: int, end: int) -> "torch.Tensor":
+        """A copy of the request's blocks start..end-1; *beside a step* for full blocks (they no longer change).
+        UnknownRequestError if the request is not here."""
 
     @abc.abstractmethod
-    def suspend(self, request_id: str) -> "RequestState": ...
+    def suspend(self, request_id: str) -> "RequestState":
+        """Take the request out of the batch; it keeps its blocks until `free_suspended` or `resume`."""
 
     @abc.abstractmethod
-    def resume(self, request_id: str) -> None: ...
+    def resume(self, request_id: str) -> None:
+        """Put a suspended request back into the batch (its migration failed)."""
 
     @abc.abstractmethod
-    def free_suspended(self, request_id: str) -> None: ...
+    def free_suspended(self, request_id: str) -> None:
+        """The suspended request lives elsewhere now: forget it and free its blocks."""
 
-    # migration: destination half
+    # ----- migration: the destination half -------------------------------------------------------------------
     @abc.abstractmethod
-    def reserve_blocks(self, n: int) -> list[int]: ...
-
-    @abc.abstractmethod
-    def import_blocks(self, block_ids: list[int], blocks: "torch.Tensor") -> None: ...
-
-    @abc.abstractmethod
-    def release_reserved(self, block_ids: list[int]) -> None: ...
+    def reserve_import(self, import_id: str, num_blocks: int) -> int:
+        """Set `num_blocks` more blocks aside for the request an import brings (the first call begins it);
+        returns the index within the request of the first of them. OutOfBlocksError if they are not free."""
 
     @abc.abstractmethod
-    def admit_migrated(self, state: "RequestState", block_ids: list[int]) -> None: ...
+    def write_import(self, import_id: str, first: int, blocks: "torch.Tensor") -> None:
+        """Write blocks first..first+n-1 of an import; *beside a step*. ValueError for blocks not reserved."""
+
+    @abc.abstractmethod
+    def commit_import(self, import_id: str, state: "RequestState") -> None:
+        """Adopt the request with the import's blocks, holding the KV of its `num_computed_tokens` tokens."""
+
+    @abc.abstractmethod
+    def cancel_import(self, import_id: str) -> None:
+        """Give an import's blocks back; no error if there is no such import."""
 
 
 BACKENDS = ("native",)
 
 
-def create_backend(config: "EngineConfig", kind: str = "native") -> EngineBackend:
-    if kind == "native":
-        from instance.engine import Engine
+def load_tokenizer(config: "EngineConfig", kind: str = "native") -> "Tokenizer":
+    """The tokenizer the named backend serves `config.model` with, without loading the model (for frontends,
+    which tokenize at the edge)."""
+    _check_kind(kind)
+    from instance.model.loader import load_tokenizer as native_tokenizer
 
-        return Engine(config)
+    return native_tokenizer(config.model)
+
+
+def create_backend(config: "EngineConfig", kind: str = "native") -> EngineBackend:
+    _check_kind(kind)
+    from instance.engine import Engine
+
+    return Engine(config)
+
+
+def _check_kind(kind: str) -> None:
     if kind == "vllm":
         raise ValueError("backend: the vLLM backend is not part of this build yet; use backend 'native'")
-    raise ValueError(f"backend: unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    if kind not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

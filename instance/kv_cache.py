@@ -15,6 +15,11 @@ from collections import deque
 import torch
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens: the one rounding every part of Tidal uses."""
+    return -(-num_tokens // block_size)
+
+
 class OutOfBlocksError(RuntimeError):
     """Asked for more blocks than are free. Callers check `can_allocate` first; this means a logic error."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from instance.kv_cache import KVCacheTensors
+from instance.kv_cache import KVCacheTensors, blocks_for
 from instance.model.llama import AttentionBatch, LlamaModel, PrefillChunk
 from instance.sampling import SampleRow, sample
 from instance.scheduler import ScheduledChunk, SchedulerOutput
@@ -47,7 +47,7 @@ class ModelRunner:
         for c in prefills:
             r = c.request
             ctx = r.num_computed_tokens + c.num_tokens
-            table = torch.tensor(r.block_ids[:-(-ctx // self.block_size)], dtype=torch.long, device=dev)
+            table = torch.tensor(r.block_ids[:blocks_for(ctx, self.block_size)], dtype=torch.long, device=dev)
             batch.prefills.append(PrefillChunk(row, c.num_tokens, ctx, table))
             row += c.num_tokens
             if c.samples:
@@ -72,7 +72,7 @@ class ModelRunner:
     def _add_decodes(self, batch: AttentionBatch, decodes: list[ScheduledChunk]) -> None:
         bs = self.block_size
         ctx = [c.request.num_computed_tokens + 1 for c in decodes]
-        width = -(-max(ctx) // bs)
+        width = blocks_for(max(ctx), bs)
         tables = [c.request.block_ids[:width] + [0] * (width - min(width, len(c.request.block_ids)))
                   for c in decodes]
         dev = self.device

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from instance.backend import LoadSnapshot
-from instance.kv_cache import BlockPool
+from instance.kv_cache import BlockPool, blocks_for
 from instance.request import Request, RequestStatus
 
 
@@ -40,10 +40,6 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
 
 
 class Scheduler:
@@ -117,20 +113,21 @@ class Scheduler:
         need = max(0, blocks_for(req.num_computed_tokens + n, self.block_size) - len(req.block_ids))
         while not self.pool.can_allocate(need):
             victim = self.running[-1]
-            self._preempt(victim, out)
+            self.preempt(victim)
+            out.preempted.append(victim)
             if victim is req:
                 return False
         req.block_ids += self.pool.allocate(need)
         return True
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def preempt(self, req: Request) -> None:
+        """Free a running request's blocks and queue it again, to be recomputed from its first token."""
         self.running.remove(req)
         self.free_blocks(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions_total += 1
         self.add(req)
-        out.preempted.append(req)
 
     # ----- what load reports need ----------------------------------------------------------------------------
     def blocks_demanded(self, req: Request) -> int:

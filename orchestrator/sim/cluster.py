@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import random
 import time
 from dataclasses import dataclass, field
 
-from instance.request import Request, RequestStatus
-from instance.scheduler import blocks_for
+from instance.kv_cache import OutOfBlocksError, blocks_for
+from instance.request import RequestState
 from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM, Candidate, choose_instance
-from orchestrator.policies.migration import InstanceState, MigrationPolicyConfig, plan_migrations, recent_moves
+from orchestrator.policies.ledger import MoveLedger
+from orchestrator.policies.migration import InstanceState, MigrationPolicyConfig
 from orchestrator.sim.cost_model import StepCostModel
-from orchestrator.sim.instance import SimInstance, make_request
+from orchestrator.sim.instance import SimInstance
 
 
 @dataclass(frozen=True)
@@ -126,10 +126,9 @@ class SimResult:
 
 @dataclass
 class _Migration:
-    req: Request
+    request_id: str            # also the id of the destination's import
     src: SimInstance
     dst: SimInstance
-    reserved: list[int]
     preemptions: int = 0       # the request's count when the migration started: a preemption aborts it
     copied_blocks: int = 0
     stage: int = 0
@@ -139,7 +138,7 @@ class Simulator:
     def __init__(self, config: SimConfig, cost: StepCostModel):
         self.cfg = config
         self.instances = [SimInstance(f"instance-{i}", config.num_blocks, config.block_size,
-                                      config.max_num_batched_tokens, config.max_num_seqs, cost)
+                                      config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len, cost)
                           for i in range(config.num_instances)]
         self.by_id = {i.instance_id: i for i in self.instances}
         self.rng = random.Random(config.seed)
@@ -152,8 +151,7 @@ class Simulator:
         self._pending: dict[str, list[int]] = {i.instance_id: [] for i in self.instances}  # blocks sent since
         self._migrating: dict[str, _Migration] = {}    # request id -> migration in flight
         self._suspend_at_step_end: dict[str, list[_Migration]] = {i.instance_id: [] for i in self.instances}
-        self._last_move_at: dict[str, float] = {}
-        self._request_moved_at: dict[str, float] = {}
+        self._ledger = MoveLedger(config.migration)
         self.records: dict[str, RequestRecord] = {}
         self.migrations = 0
         self.migrations_aborted = 0
@@ -183,7 +181,7 @@ class Simulator:
             self.now = t
             fn(*args)
         return SimResult(list(self.records.values()),
-                         preemptions=sum(i.scheduler.num_preemptions_total for i in self.instances),
+                         preemptions=sum(i.load().num_preemptions_total for i in self.instances),
                          migrations=self.migrations, migrations_aborted=self.migrations_aborted, end_s=self.now,
                          wall_s=time.perf_counter() - started, busy_s={i.instance_id: i.busy_s for i in self.instances})
 
@@ -200,7 +198,7 @@ class Simulator:
         inst = self.by_id[iid]
         self._pending[iid].append(blocks_for(w.prompt_tokens + 1, cfg.block_size))
         self.records[rid] = RequestRecord(rid, w.arrival_s, w.prompt_tokens, w.output_tokens, w.priority)
-        inst.add(make_request(rid, w.prompt_tokens, w.output_tokens, w.priority, w.arrival_s, cfg.max_model_len))
+        inst.add(rid, w.prompt_tokens, w.output_tokens, w.priority, w.arrival_s)
         self._kick(inst)
 
     # ----- instances -------------------------------------------------------------------------------------
@@ -246,84 +244,76 @@ class Simulator:
                                 tuple(r for r in i.list_requests() if r.request_id not in self._migrating),
                                 migrations_out=outs[i.instance_id], migrations_in=ins[i.instance_id])
                   for i in self.instances]
-        self._request_moved_at = recent_moves(self._request_moved_at, self.now, self.cfg.migration)
-        for move in plan_migrations(states, self.cfg.migration, self.now, self._last_move_at, self._request_moved_at):
-            self._start_migration(self.by_id[move.src].requests[move.request_id], self.by_id[move.src],
-                                  self.by_id[move.dst])
-            self._last_move_at[move.src] = self._last_move_at[move.dst] = self.now
-            self._request_moved_at[move.request_id] = self.now
+        for move in self._ledger.plan(states, self.now):
+            self._start_migration(move.request_id, self.by_id[move.src], self.by_id[move.dst])
+            self._ledger.record(move, self.now)
         self._at(self.now + self.cfg.rebalance_interval_s, self._rebalance)
 
-    # ----- live migration --------------------------------------------------------------------------------
-    def _start_migration(self, req: Request, src: SimInstance, dst: SimInstance) -> None:
-        mig = _Migration(req, src, dst, [], preemptions=req.num_preemptions)
-        self._migrating[req.request_id] = mig
+    # ----- live migration: the same engine hooks the real migration calls ----------------------------------
+    def _start_migration(self, request_id: str, src: SimInstance, dst: SimInstance) -> None:
+        mig = _Migration(request_id, src, dst, preemptions=src.core.request_info(request_id).num_preemptions)
+        self._migrating[request_id] = mig
         self._stage(mig)
 
     def _stage(self, mig: _Migration) -> None:
         """Pre-copy what has been computed since the last stage, while the request keeps running."""
-        if not self._still_movable(mig):
+        computed = self._movable_tokens(mig)
+        if computed is None:
             return self._abort(mig)
-        delta = blocks_for(mig.req.num_computed_tokens, self.cfg.block_size) - mig.copied_blocks
+        delta = blocks_for(computed, self.cfg.block_size) - mig.copied_blocks
         cost = self.cfg.migration_cost
         if delta <= cost.last_stage_blocks or mig.stage >= cost.max_stages:
             if mig.src.step is None:
                 return self._last_stage(mig)
             self._suspend_at_step_end[mig.src.instance_id].append(mig)
             return
-        if not mig.dst.pool.can_allocate(delta):
+        if not self._reserve(mig, delta):
             return self._abort(mig)
-        mig.reserved += mig.dst.pool.reserve(delta)
         mig.copied_blocks += delta
         mig.stage += 1
         self._at(self.now + cost.seconds(delta), self._stage, mig)
 
     def _last_stage(self, mig: _Migration) -> None:
         """Between two steps of the source: take the request out of its batch and copy what is left."""
-        if not self._still_movable(mig):
+        computed = self._movable_tokens(mig)
+        if computed is None:
             return self._abort(mig)
-        need = blocks_for(mig.req.num_computed_tokens, self.cfg.block_size) - mig.copied_blocks
-        if need > 0 and not mig.dst.pool.can_allocate(need):
+        need = blocks_for(computed, self.cfg.block_size) - mig.copied_blocks
+        if need > 0 and not self._reserve(mig, need):
             return self._abort(mig)
-        if need > 0:
-            mig.reserved += mig.dst.pool.reserve(need)
-        mig.src.suspend(mig.req)
-        self._at(self.now + self.cfg.migration_cost.seconds(max(0, need)), self._commit, mig)
+        state = mig.src.core.suspend(mig.request_id)
+        self._at(self.now + self.cfg.migration_cost.seconds(max(0, need)), self._commit, mig, state)
 
-    def _commit(self, mig: _Migration) -> None:
-        req = mig.req
-        mig.src.free_suspended(req)
-        mig.dst.admit_migrated(req, mig.reserved)
-        del self._migrating[req.request_id]
-        self.records[req.request_id].migrations += 1
+    def _commit(self, mig: _Migration, state: RequestState) -> None:
+        mig.src.core.free_suspended(mig.request_id)
+        mig.dst.core.commit_import(mig.request_id, state)
+        del self._migrating[mig.request_id]
+        self.records[mig.request_id].migrations += 1
         self.migrations += 1
         self._kick(mig.dst)
         self._kick(mig.src)
 
-    def _still_movable(self, mig: _Migration) -> bool:
-        """Still on the source, running or waiting, and not preempted since the migration started."""
-        req = mig.req
-        return (mig.src.requests.get(req.request_id) is req and req.num_preemptions == mig.preemptions
-                and req.status in (RequestStatus.RUNNING, RequestStatus.WAITING))
+    def _reserve(self, mig: _Migration, blocks: int) -> bool:
+        try:
+            mig.dst.core.reserve_import(mig.request_id, blocks)
+            return True
+        except OutOfBlocksError:
+            return False
+
+    def _movable_tokens(self, mig: _Migration) -> int | None:
+        """The request's computed tokens if it is still on the source, running or waiting, and not preempted
+        since the migration started; None if it cannot move any more."""
+        info = mig.src.core.request_info(mig.request_id)
+        if info is None or info.num_preemptions != mig.preemptions or info.status not in ("running", "waiting"):
+            return None
+        return info.num_computed_tokens
 
     def _abort(self, mig: _Migration) -> None:
-        if mig.reserved:
-            mig.dst.pool.release_reserved(mig.reserved)
-        del self._migrating[mig.req.request_id]
+        mig.dst.core.cancel_import(mig.request_id)
+        del self._migrating[mig.request_id]
         self.migrations_aborted += 1
 
 
 def simulate(workload: list[SimRequest], config: SimConfig, cost: StepCostModel,
              until_s: float | None = None) -> SimResult:
     return Simulator(config, cost).run(workload, until_s)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between nearest ranks (numpy's default); nan for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = q / 100.0 * (len(ordered) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)

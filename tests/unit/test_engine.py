@@ -8,7 +8,7 @@ from instance.engine import Engine
 from instance.model.loader import ModelNotFoundError
 from instance.request import Detokenizer
 from instance.sampling import InvalidRequestError, SamplingParams
-from instance.scheduler import blocks_for
+from instance.kv_cache import blocks_for
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=40, temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, seed=1234,
@@ -41,7 +41,7 @@ def test_batch_of_eight_mixed_lengths_matches_each_request_alone(engine):
     assert tokens(engine.generate(ps, GREEDY)) == alone
     assert all(len(t) == 40 for t in alone)
     engine.check_integrity()
-    assert engine.pool.num_free == engine.pool.num_blocks
+    assert engine.load().free_blocks == engine.load().total_blocks
 
 
 def test_chunked_prefill_gives_the_same_tokens_as_unchunked():
@@ -56,10 +56,10 @@ def test_preemption_and_recompute_do_not_change_tokens(engine):
     reference = tokens(engine.generate(ps, GREEDY))
     small = tiny(num_blocks=70)           # 8 requests of up to 100 tokens need up to 200 blocks
     out = tokens(small.generate(ps, GREEDY))
-    assert small.scheduler.num_preemptions_total > 0
+    assert small.load().num_preemptions_total > 0
     assert out == reference
     small.check_integrity()
-    assert small.pool.num_free == small.pool.num_blocks
+    assert small.load().free_blocks == small.load().total_blocks
 
 
 def test_seeded_sampling_repeats_across_engines_and_differs_across_seeds(engine):
@@ -72,13 +72,13 @@ def test_seeded_sampling_repeats_across_engines_and_differs_across_seeds(engine)
 
 
 def move(src: Engine, dst: Engine, rid: str) -> None:
-    """The migration hooks end to end: suspend, export, reserve, import, admit, free."""
+    """The migration hooks end to end: suspend, export, reserve, write, commit, free."""
     state = src.suspend(rid)
-    n = blocks_for(state.num_computed_tokens, src.config.block_size)
-    blob = src.export_blocks(src.get_block_ids(rid)[:n])
-    dst_ids = dst.reserve_blocks(n)
-    dst.import_blocks(dst_ids, blob)
-    dst.admit_migrated(state, dst_ids)
+    n = blocks_for(state.num_computed_tokens, src.block_size)
+    blob = src.export_blocks(rid, 0, n)
+    first = dst.reserve_import(f"move-{rid}", n)
+    dst.write_import(f"move-{rid}", first, blob)
+    dst.commit_import(f"move-{rid}", state)
     src.free_suspended(rid)
 
 
@@ -97,7 +97,7 @@ def test_export_import_mid_decode_continues_with_the_same_tokens(engine, params)
                 got += o.new_token_ids
                 text += o.text_delta
         move(src, dst, rid)
-        assert rid not in src.requests
+        assert src.request_info(rid) is None
         src.check_integrity()
         dst.check_integrity()
         while dst.has_unfinished():
@@ -106,7 +106,7 @@ def test_export_import_mid_decode_continues_with_the_same_tokens(engine, params)
                 text += o.text_delta
         assert got == reference.new_token_ids
         assert text == reference.text_delta
-        assert dst.pool.num_free == dst.pool.num_blocks
+        assert dst.load().free_blocks == dst.load().total_blocks
 
 
 def test_suspend_then_resume_puts_the_request_back_unchanged(engine):
@@ -118,7 +118,7 @@ def test_suspend_then_resume_puts_the_request_back_unchanged(engine):
         got += [t for o in engine.step() for t in o.new_token_ids]
     engine.suspend("r")
     assert engine.step() == []              # out of the batch, blocks kept
-    assert engine.pool.num_used > 0
+    assert engine.load().used_blocks > 0
     engine.check_integrity()
     engine.resume("r")
     while engine.has_unfinished():
@@ -127,12 +127,12 @@ def test_suspend_then_resume_puts_the_request_back_unchanged(engine):
 
 
 def test_reservations_are_released_when_a_migration_is_abandoned(engine):
-    ids = engine.reserve_blocks(5)
+    engine.reserve_import("abandoned", 5)
     load = engine.load()
-    assert load.reserved_blocks == 5 and load.free_blocks == engine.pool.num_blocks - 5
+    assert load.reserved_blocks == 5 and load.free_blocks == load.total_blocks - 5
     engine.check_integrity()
-    engine.release_reserved(ids)
-    assert engine.load().free_blocks == engine.pool.num_blocks
+    engine.cancel_import("abandoned")
+    assert engine.load().free_blocks == engine.load().total_blocks
 
 
 def test_randomized_stress_keeps_integrity_every_step_and_frees_everything():
@@ -163,8 +163,8 @@ def test_randomized_stress_keeps_integrity_every_step_and_frees_everything():
                 live.discard(o.request_id)
         e.check_integrity()
     assert not live
-    assert e.scheduler.num_preemptions_total > 0     # the run did exercise preemption
-    assert e.pool.num_free == e.pool.num_blocks
+    assert e.load().num_preemptions_total > 0     # the run did exercise preemption
+    assert e.load().free_blocks == e.load().total_blocks
     assert not e.abort("s0")                          # finished or aborted long ago
 
 
@@ -202,7 +202,7 @@ def test_bad_input_names_the_field_and_the_engine_keeps_serving(kwargs, field):
         assert "246" in str(err.value)       # says the limit: max_model_len 256 - max_tokens 10
     done = [o for _ in range(10) for o in e.step() if o.finished]
     assert [o.request_id for o in done] == ["ok"]
-    assert "bad" not in e.requests
+    assert e.request_info("bad") is None
     e.check_integrity()
 
 
@@ -274,7 +274,7 @@ def test_resume_from_streamed_tokens_continues_identically(engine, params):
                 text += o.text_delta
         assert tokens == reference.new_token_ids
         assert text == reference.text_delta
-        assert other.pool.num_free == other.pool.num_blocks
+        assert other.load().free_blocks == other.load().total_blocks
 
 
 def test_a_request_resumed_from_its_tokens_goes_on_as_without_the_fault():

@@ -11,7 +11,7 @@ from instance.engine import Engine
 from instance.sampling import SamplingParams
 from orchestrator.sim.cluster import SimConfig, SimRequest, simulate
 from orchestrator.sim.cost_model import DEFAULT_PATH, StepCostModel, StepWork, step_work
-from orchestrator.sim.instance import SimInstance, make_request
+from orchestrator.sim.instance import SimInstance
 
 COST = StepCostModel(step_s=0.01, tokens_s=0.001, samples_s=0.0005, decode_attn_s=1e-6, prefill_attn_s=1e-7)
 
@@ -20,13 +20,13 @@ def test_a_simulated_instance_admits_preempts_and_reports_load_exactly_like_the_
     cfg = dict(block_size=4, num_blocks=24, max_num_batched_tokens=16, max_num_seqs=4)
     engine = Engine(model="tiny-llama", max_model_len=64, **cfg)
     sim = SimInstance("s", cfg["num_blocks"], cfg["block_size"], cfg["max_num_batched_tokens"],
-                      cfg["max_num_seqs"], COST)
+                      cfg["max_num_seqs"], 64, COST)
     rng = random.Random(3)
     shapes = [(rng.randint(3, 30), rng.randint(2, 20), rng.choice((0, 0, 1))) for _ in range(10)]
     for i, (prompt, out, prio) in enumerate(shapes):
         engine.add_request(f"r{i}", prompt_token_ids=[5] * prompt, priority=prio, arrival_time=float(i),
                            params=SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True))
-        sim.add(make_request(f"r{i}", prompt, out, prio, float(i), 64))
+        sim.add(f"r{i}", prompt, out, prio, float(i))
     timing = ("step_time_ms", "tokens_per_s")
     steps = 0
     while engine.has_unfinished():
@@ -40,18 +40,18 @@ def test_a_simulated_instance_admits_preempts_and_reports_load_exactly_like_the_
         assert engine.list_requests() == sim.list_requests()
         sim.check_integrity()
     assert not sim.has_work() and sim.start_step() is None
-    assert engine.scheduler.num_preemptions_total > 0          # the case includes preemption
+    assert engine.load().num_preemptions_total > 0             # the case includes preemption
     assert any(p for _, _, p in shapes)                        # ... and priorities
 
 
 def test_step_cost_is_linear_in_the_work_the_scheduler_decided():
-    inst = SimInstance("s", 64, 4, 32, 8, COST)
-    inst.add(make_request("long", 20, 5, 0, 0.0, 64))
+    inst = SimInstance("s", 64, 4, 32, 8, 64, COST)
+    inst.add("long", 20, 5, 0, 0.0)
     seconds = inst.start_step()                                 # a 20-token prefill chunk, context end 20
     assert seconds == pytest.approx(0.01 + 0.001 * 20 + 0.0005 + 1e-7 * 20 * 20)
     inst.finish_step()
-    inst.add(make_request("short", 6, 5, 0, 1.0, 64))
-    work = step_work(inst.scheduler.schedule().chunks)           # long decodes at 21, short prefills 6
+    inst.add("short", 6, 5, 0, 1.0)
+    work = step_work(inst.core.schedule().chunks)           # long decodes at 21, short prefills 6
     assert work == StepWork(tokens=7, samples=2, decode_attn=21, prefill_attn=36)
 
 
@@ -120,7 +120,7 @@ def test_every_request_finishes_once_with_its_length_and_every_block_comes_back(
     assert all(r.arrival_s < r.first_token_s <= r.finish_s for r in res.records)
     for inst in sim.instances:
         inst.check_integrity()
-        assert inst.pool.num_free == SMALL.num_blocks and not inst.requests
+        assert inst.load().free_blocks == SMALL.num_blocks and not inst.list_requests()
 
 
 def test_migration_takes_load_off_an_instance_that_round_robin_overloaded():
