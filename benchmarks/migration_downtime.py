@@ -75,10 +75,13 @@ import ray
 import torch
 
 from benchmarks.traces import synthetic_prompt
-from instance.actor import InstanceActor
 from instance.model.loader import load_tokenizer
 from instance.sampling import SamplingParams
 from migration.protocol import MigrationRecord, MigrationState
+from orchestrator.bench.stats import median
+from rpc import Deadlines
+from rpc.frontend import FrontendClient
+from rpc.instance import InstanceClient
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = dict(kv_cache_gib=0.6, max_model_len=4608)
@@ -93,6 +96,7 @@ POLL_S = 0.05               # how often the driver asks the sink how far a reque
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 120.0      # one migration, one abort, one add
 TOKENS_TIMEOUT_S = 600.0    # a 4096-token prefill takes ~1 min on one busy core
+DEADLINES = Deadlines(call_s=CALL_TIMEOUT_S, startup_s=START_TIMEOUT_S, migration_s=CALL_TIMEOUT_S)
 
 
 class Sink:
@@ -106,8 +110,11 @@ class Sink:
         for c in chunks:
             self.chunks.setdefault(c.request_id, []).append(c)
 
-    async def request_moved(self, request_id, instance_id, actor) -> None:
+    async def request_moved(self, request_id, instance) -> None:
         pass
+
+    async def ping(self) -> bool:
+        return True
 
     async def get(self, request_id) -> list:
         return sorted(self.chunks.get(request_id, []), key=lambda c: c.seq)
@@ -126,7 +133,14 @@ def greedy(max_tokens: int) -> SamplingParams:
 
 
 def call(ref, timeout: float = CALL_TIMEOUT_S):
+    """A read of the sink actor (the benchmark's own)."""
     return ray.get(ref, timeout=timeout)
+
+
+@dataclass
+class SinkRef:
+    actor: object               # the Sink actor, read by the driver
+    client: FrontendClient      # what instances push its chunks through, as through a frontend's
 
 
 def wait_until(predicate, what: str, timeout: float, interval: float = 0.005):
@@ -141,7 +155,7 @@ def wait_until(predicate, what: str, timeout: float, interval: float = 0.005):
 
 
 def streamed(sink, rid: str) -> int:
-    return call(sink.num_tokens.remote(rid))
+    return call(sink.actor.num_tokens.remote(rid))
 
 
 def wait_streamed(sink, rid: str, n: int, interval: float = POLL_S) -> int:
@@ -153,7 +167,7 @@ def wait_streamed(sink, rid: str, n: int, interval: float = POLL_S) -> int:
 
 def stream(sink, rid: str) -> list:
     """The request's chunks so far, checked: contiguous seq from 0, no duplicates."""
-    chunks = call(sink.get.remote(rid))
+    chunks = call(sink.actor.get.remote(rid))
     seqs = [c.seq for c in chunks]
     if seqs != list(range(len(seqs))):
         raise AssertionError(f"{rid}: the stream's seq numbers are not 0..n-1 without duplicates: {seqs}")
@@ -163,11 +177,11 @@ def stream(sink, rid: str) -> list:
 def settled_stream(sink, rid: str, min_tokens: int) -> list:
     """The stream of a request that was just aborted, once every chunk it produced has arrived."""
     def ready():
-        chunks = call(sink.get.remote(rid))
+        chunks = call(sink.actor.get.remote(rid))
         if [c.seq for c in chunks] != list(range(len(chunks))) or sum(len(c.token_ids) for c in chunks) < min_tokens:
             return None
         time.sleep(SETTLE_S)
-        return chunks if call(sink.count.remote(rid)) == len(chunks) else None
+        return chunks if call(sink.actor.count.remote(rid)) == len(chunks) else None
 
     wait_until(ready, f"{rid}: stream after abort", 30.0)
     return stream(sink, rid)
@@ -188,9 +202,6 @@ def segments(chunks) -> list[tuple[str, list]]:
     return runs
 
 
-def med(values) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.median(values) if values else math.nan
 
 
 # ----- the two instances ------------------------------------------------------------------------------------
@@ -198,15 +209,14 @@ def med(values) -> float:
 @dataclass
 class Instance:
     name: str
-    actor: object
+    client: InstanceClient
     method: str         # what a move out of this instance is: "a" (multi-stage) or "b" (blocking)
 
 
-def start_instance(name: str, model: str, migration: dict) -> object:
-    actor = ray.remote(InstanceActor).options(max_concurrency=1000).remote(
-        name, {"model": model, **ENGINE}, 1, migration)
-    call(actor.start.remote(), START_TIMEOUT_S)
-    return actor
+def start_instance(name: str, model: str, migration: dict) -> InstanceClient:
+    instance = InstanceClient.create(name, {"model": model, **ENGINE}, migration, DEADLINES)
+    instance.start().result()
+    return instance
 
 
 class MigrationFailed(RuntimeError):
@@ -214,7 +224,7 @@ class MigrationFailed(RuntimeError):
 
 
 def migrate(src: Instance, rid: str, dst: Instance) -> MigrationRecord:
-    record = call(src.actor.migrate_out.remote(rid, dst.name, dst.actor))
+    record = src.client.migrate_out(rid, dst.client).result()
     if record.state is not MigrationState.COMMITTED:
         raise MigrationFailed(f"migration {src.name} -> {dst.name} of {rid} did not commit: {record.state.value} "
                            f"({record.reason})")
@@ -239,7 +249,7 @@ def run_trial(rid: str, context: int, repeat: int, prompt: list[int], a: Instanc
     """One request moved first -> second (migration), second -> first (migration), first -> second
     (recompute). Returns the three moves and the request's tokens up to its abort."""
     first, second = (a, b) if repeat % 2 == 0 else (b, a)
-    call(first.actor.add_request.remote(rid, prompt, greedy(MAX_TOKENS), 0, sink))
+    first.client.add_request(rid, prompt, greedy(MAX_TOKENS), 0, sink.client).result()
     wait_streamed(sink, rid, WARM_TOKENS)
     records = [migrate(first, rid, second)]
     wait_streamed(sink, rid, streamed(sink, rid) + WARM_TOKENS)
@@ -247,13 +257,13 @@ def run_trial(rid: str, context: int, repeat: int, prompt: list[int], a: Instanc
     n0 = wait_streamed(sink, rid, streamed(sink, rid) + WARM_TOKENS)
 
     # (c) recompute: the stream so far becomes the prompt of a new request on the other instance
-    call(first.actor.abort.remote(rid))
+    first.client.abort_request(rid).result()
     chunks = settled_stream(sink, rid, n0)
     generated = tokens(chunks)
     rid_re = f"{rid}-recompute"
-    call(second.actor.add_request.remote(rid_re, prompt + generated, greedy(MAX_TOKENS - len(generated)), 0, sink))
-    wait_until(lambda: call(sink.count.remote(rid_re)) > 0, f"{rid_re}: first token", TOKENS_TIMEOUT_S, POLL_S)
-    call(second.actor.abort.remote(rid_re))
+    second.client.add_request(rid_re, prompt + generated, greedy(MAX_TOKENS - len(generated)), 0, sink.client).result()
+    wait_until(lambda: call(sink.actor.count.remote(rid_re)) > 0, f"{rid_re}: first token", TOKENS_TIMEOUT_S, POLL_S)
+    second.client.abort_request(rid_re).result()
     first_recomputed = stream(sink, rid_re)[0]
 
     runs = segments(chunks)
@@ -261,7 +271,7 @@ def run_trial(rid: str, context: int, repeat: int, prompt: list[int], a: Instanc
         raise AssertionError(f"{rid}: expected the stream on {first.name}, {second.name}, {first.name}; "
                              f"got {[name for name, _ in runs]}")
     gaps = [y.produced_at - x.produced_at for _, run in runs for x, y in zip(run, run[1:])]
-    step_ms = 1000 * med(gaps)
+    step_ms = 1000 * median(gaps)
     moves = []
     for (src, record), (_, before), (_, after) in zip(((first, records[0]), (second, records[1])), runs, runs[1:]):
         moves.append(Move(src.method, context, 1000 * (after[0].produced_at - before[-1].produced_at), record,
@@ -285,8 +295,8 @@ def split(record: MigrationRecord, last_on_src: float, first_on_dst: float) -> t
 def reference(instance: Instance, sink, prompt: list[int], n: int, context: int) -> list[int]:
     """The tokens of an unmigrated greedy run of `prompt`."""
     rid = f"ctx{context}-reference"
-    call(instance.actor.add_request.remote(rid, prompt, greedy(n), 0, sink))
-    wait_until(lambda: (c := call(sink.get.remote(rid))) and c[-1].finish_reason is not None
+    instance.client.add_request(rid, prompt, greedy(n), 0, sink.client).result()
+    wait_until(lambda: (c := call(sink.actor.get.remote(rid))) and c[-1].finish_reason is not None
                and len(c) == c[-1].seq + 1, f"{rid}: finished", TOKENS_TIMEOUT_S, POLL_S)
     return tokens(stream(sink, rid))
 
@@ -304,15 +314,15 @@ def describe(move: Move) -> str:
 def check_clean(*instances: Instance) -> None:
     """Every block free and no request left once everything was aborted; a warning if not (a leak)."""
     for inst in instances:
-        call(inst.actor.check_integrity.remote())
+        inst.client.check_integrity().result()
     try:
-        wait_until(lambda: all((l := call(i.actor.get_status.remote()).load).free_blocks == l.total_blocks
+        wait_until(lambda: all((l := i.client.get_status().result().load).free_blocks == l.total_blocks
                                and l.num_running + l.num_waiting + l.num_suspended == 0 for i in instances),
                    "instances idle", 10.0, POLL_S)
     except TimeoutError:
         for inst in instances:
             print(f"WARNING: instance {inst.name} holds blocks or requests after everything ended: "
-                  f"{call(inst.actor.get_status.remote()).load}", flush=True)
+                  f"{inst.client.get_status().result().load}", flush=True)
 
 
 def downtimes(contexts: list[int], repeats: int, tokenizer, a: Instance, b: Instance, sink) -> list[Move]:
@@ -329,7 +339,7 @@ def downtimes(contexts: list[int], repeats: int, tokenizer, a: Instance, b: Inst
                 except MigrationFailed as e:
                     print(f"context {context} repeat {repeat}: {e}; running the trial again", flush=True)
                     for inst in (a, b):
-                        call(inst.actor.abort.remote(rid))
+                        inst.client.abort_request(rid).result()
             else:
                 raise RuntimeError(f"context {context} repeat {repeat}: three trials failed")
             streams.append(generated)
@@ -360,11 +370,11 @@ def downtime_table(contexts: list[int], moves: list[Move]) -> dict[tuple[int, st
     for context in contexts:
         of = {m: [x for x in moves if x.context == context and x.method == m] for m in "abc"}
         for m in "abc":
-            medians[context, m] = med(x.downtime_ms for x in of[m])
-        step = med(x.step_ms for x in of["c"])
+            medians[context, m] = median(x.downtime_ms for x in of[m])
+        step = median(x.step_ms for x in of["c"])
 
         def rec(m, field):
-            return med(getattr(x.record, field) for x in of[m])
+            return median(getattr(x.record, field) for x in of[m])
 
         print(f"{context:>7} | {medians[context, 'a']:8.1f} {rec('a', 'downtime_ms'):7.1f} "
               f"{rec('a', 'stage'):6.0f} {rec('a', 'blocks_copied'):6.0f} | {medians[context, 'b']:8.1f} "
@@ -380,8 +390,8 @@ def downtime_table(contexts: list[int], moves: list[Move]) -> dict[tuple[int, st
 def step_slowdown(context: int, rounds: int, tokenizer, a: Instance, b: Instance, sink) -> float:
     """See the module docstring. Returns step_slowdown_pct."""
     big = f"slowdown-{context}"
-    call(a.actor.add_request.remote(big, synthetic_prompt(tokenizer, context, seed=context + 1),
-                                    greedy(MAX_TOKENS), 0, sink))
+    a.client.add_request(big, synthetic_prompt(tokenizer, context, seed=context + 1),
+                                    greedy(MAX_TOKENS), 0, sink.client).result()
     prompts = [synthetic_prompt(tokenizer, BACKGROUND_PROMPT, seed=1000 + i) for i in range(BACKGROUND)]
     rounds_done = []        # (background request whose steps we time, quiet window, record)
     try:
@@ -389,7 +399,7 @@ def step_slowdown(context: int, rounds: int, tokenizer, a: Instance, b: Instance
             # fresh background requests each round: A must be idle when the long request comes back (below)
             background = [f"background-{k}-{i}" for i in range(BACKGROUND)]
             for rid, prompt in zip(background, prompts):
-                call(a.actor.add_request.remote(rid, prompt, greedy(4000), 0, sink))
+                a.client.add_request(rid, prompt, greedy(4000), 0, sink.client).result()
             for rid in background:
                 wait_streamed(sink, rid, 2)           # past their prefill: from now on every step is a decode
             wait_streamed(sink, big, streamed(sink, big) + 1)
@@ -402,7 +412,7 @@ def step_slowdown(context: int, rounds: int, tokenizer, a: Instance, b: Instance
                 print(f"round {k}: skipped, {e}", flush=True)
                 record = None
             for rid in background:
-                call(a.actor.abort.remote(rid))
+                a.client.abort_request(rid).result()
             if record is None:
                 continue
             rounds_done.append((background[0], quiet, record))
@@ -420,7 +430,7 @@ def step_slowdown(context: int, rounds: int, tokenizer, a: Instance, b: Instance
         runs = segments(stream(sink, big))
     finally:
         for inst in (a, b):
-            call(inst.actor.abort.remote(big))
+            inst.client.abort_request(big).result()
     check_clean(a, b)
 
     print()
@@ -445,8 +455,8 @@ def step_slowdown(context: int, rounds: int, tokenizer, a: Instance, b: Instance
               f"{1000 * statistics.mean(flight) if flight else math.nan:12.1f} {len(flight):>3} | {ratio:6.3f} | "
               f"{record.stage:>6} {record.blocks_copied:>6} {record.downtime_ms:8.1f}")
     pooled = statistics.mean(flight_all) / statistics.mean(quiet_all) if quiet_all and flight_all else math.nan
-    slowdown = 100 * (med(ratios) - 1) if ratios else math.nan
-    print(f"median ratio over {len(ratios)} of {rounds} rounds: {med(ratios):.3f} (slowdown {slowdown:.1f} %); "
+    slowdown = 100 * (median(ratios) - 1) if ratios else math.nan
+    print(f"median ratio over {len(ratios)} of {rounds} rounds: {median(ratios):.3f} (slowdown {slowdown:.1f} %); "
           f"pooled means: {1000 * statistics.mean(flight_all) if flight_all else math.nan:.1f} ms in flight / "
           f"{1000 * statistics.mean(quiet_all) if quiet_all else math.nan:.1f} ms quiet = {pooled:.3f}")
     return slowdown
@@ -473,15 +483,16 @@ def main(argv: list[str] | None = None) -> None:
     # address="local": a cluster of our own, even where another one on this machine is the "current" one
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
-    actors = []
+    sink_actor = None
+    instances: list[InstanceClient] = []
     try:
         tokenizer = load_tokenizer(args.model)
-        sink = ray.remote(sink_class).remote()
-        actors.append(sink)
+        sink_actor = ray.remote(sink_class).remote()
+        sink = SinkRef(sink_actor, FrontendClient("sink", sink_actor, DEADLINES))
         a = Instance("A", start_instance("A", args.model, {}), "a")
-        actors.append(a.actor)
+        instances.append(a.client)
         b = Instance("B", start_instance("B", args.model, BLOCKING), "b")
-        actors.append(b.actor)
+        instances.append(b.client)
         print(f"model {args.model}, engine {ENGINE}, A: default MigrationConfig, B: {BLOCKING}; "
               f"contexts {args.contexts}, {args.repeats} repeats", flush=True)
 
@@ -490,8 +501,10 @@ def main(argv: list[str] | None = None) -> None:
                     if args.slowdown_rounds else math.nan)
         medians = downtime_table(args.contexts, moves)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        for instance in instances:
+            instance.kill()
+        if sink_actor is not None:
+            ray.kill(sink_actor)
         ray.shutdown()
 
     def at(context, method):

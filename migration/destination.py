@@ -5,26 +5,27 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from instance.limits import COMMITTED_MIGRATION_MEMORY_S
 from migration.protocol import MigrationAborted, MigrationConfig, MigrationState
 
 log = logging.getLogger(__name__)
 
-_COMMITTED_MEMORY_S = 300.0     # how long a committed migration id is remembered (for abort-after-commit)
-
 
 class DestinationPort(Protocol):
-    """What the destination half needs from its instance (the InstanceActor implements it, between steps)."""
+    """What the destination half needs from its instance (`instance.migration_ports.EngineDestinationPort`).
+    One import per migration, keyed by the migration id, collects the request's blocks."""
 
-    async def reserve_blocks(self, n: int) -> list[int]: ...
+    async def reserve(self, import_id: str, n: int) -> int:
+        """n more blocks for the import; the index within the request of the first of them."""
 
-    async def import_blocks(self, block_ids: list[int], blocks: Any) -> None: ...
+    async def write(self, import_id: str, first: int, blocks: Any) -> None: ...
 
-    async def release_blocks(self, block_ids: list[int]) -> None: ...
+    async def cancel(self, import_id: str) -> None: ...
 
-    async def admit(self, state: Any, block_ids: list[int], sink: Any, next_seq: int) -> None: ...
+    async def admit(self, import_id: str, state: Any, sink: Any, next_seq: int) -> None: ...
 
     async def abort_request(self, request_id: str) -> bool: ...
 
@@ -34,7 +35,7 @@ class Inbound:
     migration_id: str
     request_id: str
     src: str
-    block_ids: list[int] = field(default_factory=list)
+    num_blocks: int = 0             # reserved for it so far
     last_heard: float = 0.0
 
 
@@ -48,7 +49,7 @@ class MigrationDestination:
         self.inbound: dict[str, Inbound] = {}
         self.committed: dict[str, tuple[str, float]] = {}    # migration id -> (request id, when)
 
-    async def reserve(self, migration_id: str, request_id: str, src: str, n: int) -> list[int]:
+    async def reserve(self, migration_id: str, request_id: str, src: str, n: int) -> int:
         inbound = self.inbound.get(migration_id)
         if inbound is None:
             if migration_id in self.committed:
@@ -59,44 +60,45 @@ class MigrationDestination:
             inbound = self.inbound[migration_id] = Inbound(migration_id, request_id, src, last_heard=self.clock())
         inbound.last_heard = self.clock()
         try:
-            ids = await self.port.reserve_blocks(n)
+            first = await self.port.reserve(migration_id, n)
         except Exception as e:
-            if not inbound.block_ids:
+            if not inbound.num_blocks:
                 self.inbound.pop(migration_id, None)
             raise MigrationAborted(MigrationState.ABORTED_DST, f"cannot reserve {n} blocks: {e}") from None
         if self.inbound.get(migration_id) is not inbound:     # reaped or aborted while we waited for the blocks
-            await self.port.release_blocks(ids)
+            await self.port.cancel(migration_id)
             raise MigrationAborted(MigrationState.ABORTED_DST, f"migration {migration_id} expired while reserving")
-        inbound.block_ids += ids
+        inbound.num_blocks = first + n
         inbound.last_heard = self.clock()
-        return ids
+        return first
 
-    async def receive(self, migration_id: str, block_ids: list[int], payload: Any) -> None:
+    async def receive(self, migration_id: str, first: int, payload: Any) -> None:
         inbound = self._get(migration_id)
-        if not set(block_ids) <= set(inbound.block_ids):
-            raise MigrationAborted(MigrationState.ABORTED_DST, "blocks sent to ids that were not reserved for it")
-        await self.port.import_blocks(block_ids, self.receive_payload(payload))
+        blocks = self.receive_payload(payload)
+        if first < 0 or first + blocks.shape[2] > inbound.num_blocks:
+            raise MigrationAborted(MigrationState.ABORTED_DST, f"blocks {first}..{first + blocks.shape[2] - 1} "
+                                   f"sent, but only {inbound.num_blocks} were reserved")
+        await self.port.write(migration_id, first, blocks)
         inbound.last_heard = self.clock()
 
     async def commit(self, migration_id: str, state: Any, sink: Any, next_seq: int) -> None:
         if migration_id in self.committed:
             return                                  # a retried commit: already done
         inbound = self.inbound.get(migration_id)
-        block_ids = inbound.block_ids if inbound else []
         if inbound is None and state.num_computed_tokens > 0:
             raise MigrationAborted(MigrationState.ABORTED_DST, f"unknown migration {migration_id}")
-        await self.port.admit(state, block_ids, sink, next_seq)
+        await self.port.admit(migration_id, state, sink, next_seq)
         self.inbound.pop(migration_id, None)
         self.committed[migration_id] = (state.request_id, self.clock())
         log.info("migration %s committed: %s admitted with %d blocks", migration_id, state.request_id,
-                 len(block_ids))
+                 inbound.num_blocks if inbound else 0)
 
     async def abort(self, migration_id: str) -> None:
         """Undo whatever this migration left here: free a reservation, or stop a request it committed."""
         inbound = self.inbound.pop(migration_id, None)
-        if inbound is not None and inbound.block_ids:
-            await self.port.release_blocks(inbound.block_ids)
-            log.info("migration %s aborted: released %d reserved blocks", migration_id, len(inbound.block_ids))
+        if inbound is not None and inbound.num_blocks:
+            await self.port.cancel(migration_id)
+            log.info("migration %s aborted: released %d reserved blocks", migration_id, inbound.num_blocks)
         committed = self.committed.pop(migration_id, None)
         if committed is not None:
             await self.port.abort_request(committed[0])
@@ -108,11 +110,11 @@ class MigrationDestination:
         stale = [m for m, i in self.inbound.items() if now - i.last_heard > self.config.dst_idle_timeout_s]
         for mid in stale:
             inbound = self.inbound.pop(mid)
-            if inbound.block_ids:
-                await self.port.release_blocks(inbound.block_ids)
+            if inbound.num_blocks:
+                await self.port.cancel(mid)
             log.warning("migration %s: source %s silent for %.1f s; released %d reserved blocks", mid, inbound.src,
-                        now - inbound.last_heard, len(inbound.block_ids))
-        for mid in [m for m, (_, t) in self.committed.items() if now - t > _COMMITTED_MEMORY_S]:
+                        now - inbound.last_heard, inbound.num_blocks)
+        for mid in [m for m, (_, t) in self.committed.items() if now - t > COMMITTED_MIGRATION_MEMORY_S]:
             del self.committed[mid]
         return stale
 

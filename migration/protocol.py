@@ -58,6 +58,12 @@ class MigrationConfig(BaseModel):
     handoff_prefill_timeout_s: float = Field(120.0, gt=0, description="a hand-over whose request has not "
                                              "finished its prefill this long after it started is abandoned")
 
+    def deadline_s(self, handoff: bool = False) -> float:
+        """How long one whole migration may take, start to commit or abort (the one place that says): every
+        pre-copy stage and the last stage's four calls (suspend, reserve, send, commit) plus the release,
+        each bounded by `call_timeout_s`; a hand-over may first wait for its request's prefill."""
+        return self.call_timeout_s * (self.max_stages + 4) + (self.handoff_prefill_timeout_s if handoff else 0.0)
+
 
 class MigrationAborted(Exception):
     """The migration did not commit; the request is still where it was (or has ended)."""
@@ -100,23 +106,35 @@ class RequestSnapshot:
     """Where a request stands on its source, read between two steps."""
 
     num_computed_tokens: int
-    block_ids: tuple[int, ...]
     num_preemptions: int
     suspended: bool
     num_output_tokens: int
 
 
+@dataclass(frozen=True)
+class Suspended:
+    """A request taken out of its source's batch for the last stage: what the destination needs to go on."""
+
+    state: Any                     # instance.request.RequestState
+    sink: Any                      # where its tokens go (the frontend that owns its stream), or None
+    next_seq: int                  # seq of its next chunk
+    rest: Any                      # KV of its computed blocks past those already copied, or None
+    num_rest_blocks: int = 0
+
+
 class SourcePort(Protocol):
-    """What the source half needs from its instance (the InstanceActor implements it, between steps)."""
+    """What the source half needs from its instance (`instance.migration_ports.EngineSourcePort`)."""
 
     block_size: int
 
     async def snapshot(self, request_id: str) -> RequestSnapshot | None: ...
 
-    async def export(self, block_ids: list[int]) -> Any: ...
+    async def export(self, request_id: str, start: int, end: int) -> Any:
+        """KV of the request's blocks start..end-1 (full blocks: they no longer change)."""
 
-    async def suspend(self, request_id: str) -> tuple[Any, Any, int, Any] | None:
-        """Take the request out of the batch: (RequestState, sink, next seq, KV of its blocks past `copied`)."""
+    async def suspend(self, request_id: str, copied_blocks: int, preemptions: int) -> Suspended | None:
+        """Take the request out of the batch between two steps, with the KV of its blocks past `copied_blocks`;
+        None if it has ended. MigrationAborted if it was preempted since the migration began."""
 
     async def resume(self, request_id: str) -> None: ...
 
@@ -125,13 +143,16 @@ class SourcePort(Protocol):
 
 
 class DestinationPeer(Protocol):
-    """The destination half as the source sees it (calls on the destination instance, with deadlines)."""
+    """The destination half as the source sees it (calls on the destination instance, with deadlines). Every
+    failure reaches the source as MigrationAborted."""
 
     instance_id: str
 
-    async def reserve(self, migration_id: str, request_id: str, src: str, n: int) -> list[int]: ...
+    async def reserve(self, migration_id: str, request_id: str, src: str, n: int) -> int:
+        """Reserve n more blocks; the index within the request of the first of them."""
 
-    async def receive(self, migration_id: str, block_ids: list[int], payload: Any) -> None: ...
+    async def receive(self, migration_id: str, first: int, payload: Any) -> None:
+        """Blocks first.. of the request, as the transport delivers them."""
 
     async def commit(self, migration_id: str, state: Any, sink: Any, next_seq: int) -> None: ...
 

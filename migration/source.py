@@ -6,17 +6,11 @@ import asyncio
 import logging
 import time
 
-import ray
-
 from migration.protocol import (DestinationPeer, MigrationAborted, MigrationConfig, MigrationRecord,
                                 MigrationState, RequestSnapshot, SourcePort)
 from migration.transport import KVTransport
 
 log = logging.getLogger(__name__)
-
-
-def _blocks_for(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
 
 
 def _check(snap: RequestSnapshot | None, preemptions: int) -> RequestSnapshot:
@@ -61,9 +55,9 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
                     continue
             elif handoff or delta <= config.last_stage_max_blocks or record.stage >= config.max_stages:
                 break
-            dst_ids = await peer.reserve(mid, rid, record.src, delta)
-            blocks = await port.export(list(snap.block_ids[copied:full]))
-            await transport.send(peer, mid, dst_ids, blocks)
+            first = await peer.reserve(mid, rid, record.src, delta)
+            blocks = await port.export(rid, copied, full)
+            await transport.send(peer, mid, first, blocks)
             snap = _check(await port.snapshot(rid), preemptions)   # still here, and those blocks still its own
             copied = full
             record.stage += 1
@@ -77,16 +71,15 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
         taken = await port.suspend(rid, copied, preemptions)
         if taken is None:
             raise MigrationAborted(MigrationState.ENDED, "the request finished or was aborted")
-        state, sink, next_seq, rest = taken
         suspended = True
         out_at = time.perf_counter()
-        if rest is not None:
-            dst_ids = await peer.reserve(mid, rid, record.src, rest.shape[2])
-            await transport.send(peer, mid, dst_ids, rest)
-            record.blocks_copied = copied + rest.shape[2]
-        record.stage_blocks.append(0 if rest is None else rest.shape[2])
+        if taken.num_rest_blocks:
+            first = await peer.reserve(mid, rid, record.src, taken.num_rest_blocks)
+            await transport.send(peer, mid, first, taken.rest)
+            record.blocks_copied = copied + taken.num_rest_blocks
+        record.stage_blocks.append(taken.num_rest_blocks)
         try:
-            await peer.commit(mid, state, sink, next_seq)
+            await peer.commit(mid, taken.state, taken.sink, taken.next_seq)
         except Exception:
             # the commit may have landed even though we saw an error: make sure only one copy runs
             await _quietly(peer.abort(mid))
@@ -100,8 +93,6 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
             record.reason = "aborted by the client during the hand-over"
     except MigrationAborted as e:
         record.state, record.reason = e.state, e.reason
-    except (asyncio.TimeoutError, ray.exceptions.RayActorError) as e:
-        record.state, record.reason = MigrationState.ABORTED_DST, f"destination unreachable: {type(e).__name__}"
     except Exception as e:  # noqa: BLE001 - whatever broke, the request must go back to running
         log.exception("migration %s of %s failed", mid, rid)
         record.state, record.reason = MigrationState.ABORTED_SRC, f"{type(e).__name__}: {e}"

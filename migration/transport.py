@@ -49,9 +49,9 @@ class KVTransport(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    async def send(self, peer: "DestinationPeer", migration_id: str, block_ids: list[int],
-                   blocks: torch.Tensor) -> None:
-        """Deliver `blocks` ([layers, 2, n, block_size, kv_heads, head_dim]) into the peer's reserved ids."""
+    async def send(self, peer: "DestinationPeer", migration_id: str, first: int, blocks: torch.Tensor) -> None:
+        """Deliver `blocks` ([layers, 2, n, block_size, kv_heads, head_dim]) as blocks first..first+n-1 of the
+        request the peer is importing."""
 
     @abc.abstractmethod
     def receive(self, payload: Any) -> torch.Tensor:
@@ -61,8 +61,8 @@ class KVTransport(abc.ABC):
 class RayObjectStoreTransport(KVTransport):
     name = "ray"
 
-    async def send(self, peer, migration_id, block_ids, blocks) -> None:
-        await peer.receive(migration_id, block_ids, KVPayload.from_tensor(blocks))
+    async def send(self, peer, migration_id, first, blocks) -> None:
+        await peer.receive(migration_id, first, KVPayload.from_tensor(blocks))
 
     def receive(self, payload: KVPayload) -> torch.Tensor:
         return payload.to_tensor()

@@ -10,13 +10,16 @@ import os
 import time
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config import ServeConfig
-from orchestrator.frontend import Frontend
-from orchestrator.scheduler import GlobalScheduler
+from rpc import RemoteError, Rejected
+from rpc.call import node_identity
+from rpc.frontend import FrontendClient
+from rpc.scheduler import SchedulerClient
 
 log = logging.getLogger(__name__)
+
+FRONTEND = "frontend-0"
 
 
 class DeploymentError(RuntimeError):
@@ -41,8 +44,8 @@ def connect_ray(config: ServeConfig) -> None:
 class Deployment:
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.scheduler = None
-        self.frontend = None
+        self.scheduler: SchedulerClient | None = None
+        self.frontend: FrontendClient | None = None
         self.port: int | None = None
 
     def start(self) -> int:
@@ -50,39 +53,35 @@ class Deployment:
         cfg = self.config
         connect_ray(cfg)
         name = cfg.actor_name("scheduler")
-        try:
-            ray.get_actor(name, namespace=cfg.namespace)
+        if SchedulerClient.find(name, cfg.namespace) is not None:
             raise DeploymentError(f"a deployment named {cfg.deployment!r} is already running in Ray namespace "
                                   f"{cfg.namespace!r}; stop it first or pick another --deployment name")
-        except ValueError:
-            pass  # no such actor: good
         started = time.monotonic()
         # the control plane runs where `tidal serve` runs: the gRPC port is on this node, and losing a worker
         # node never takes the scheduler or the frontend with it
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.scheduler = ray.remote(GlobalScheduler).options(
-            name=name, namespace=cfg.namespace, lifetime="detached", max_restarts=-1, num_cpus=0,
-            max_concurrency=1000, scheduling_strategy=here).remote(cfg.model_dump())
+        here, _ = node_identity()
+        self.scheduler = SchedulerClient.create(cfg.model_dump(), cfg.deadlines, actor_name=name,
+                                                namespace=cfg.namespace, node_id=here)
         try:
-            ray.get(self.scheduler.start.remote(), timeout=cfg.startup_timeout_s)
-        except ray.exceptions.GetTimeoutError:
+            self.scheduler.start().result()
+        except Rejected as e:
+            self.stop()
+            raise DeploymentError(f"instances failed to start: {e.cause}") from None
+        except RemoteError:
             self.stop()
             raise DeploymentError(
                 f"instances did not start within {cfg.startup_timeout_s:.0f} s; does the cluster have "
                 f"{cfg.instances} x {cfg.num_cpus_per_instance} CPUs and {cfg.gpus_per_instance} GPUs free? "
                 f"(`ray status` shows what it has)") from None
-        except ray.exceptions.RayTaskError as e:
-            self.stop()
-            raise DeploymentError(f"instances failed to start: {e.cause}") from None
-        self.frontend = ray.remote(Frontend).options(
-            name=cfg.actor_name("frontend-0"), namespace=cfg.namespace, num_cpus=0,
-            max_concurrency=10000, scheduling_strategy=here).remote(cfg.model_dump(), "frontend-0")
+        self.frontend = FrontendClient.create(FRONTEND, cfg.model_dump(), cfg.deadlines,
+                                              actor_name=cfg.actor_name(FRONTEND), namespace=cfg.namespace,
+                                              node_id=here)
         try:
-            self.port = ray.get(self.frontend.start.remote(self.scheduler), timeout=cfg.startup_timeout_s)
-        except ray.exceptions.RayTaskError as e:
+            self.port = self.frontend.start(self.scheduler).result()
+        except Rejected as e:
             self.stop()
             raise DeploymentError(f"the gRPC server failed to start: {e.cause}") from None
-        while not ray.get(self.frontend.is_serving.remote(), timeout=cfg.call_timeout_s):
+        while not self.frontend.is_serving().result():
             if time.monotonic() - started > cfg.startup_timeout_s:
                 self.stop()
                 raise DeploymentError("the frontend never saw every instance serving")
@@ -93,15 +92,15 @@ class Deployment:
         """Graceful: the frontend drains (up to the grace period), then everything is killed."""
         if self.frontend is not None:
             try:
-                ray.get(self.frontend.shutdown.remote(grace_s), timeout=self.config.grace_period_s + 30)
+                self.frontend.shutdown(self.config.grace_period_s if grace_s is None else grace_s).result()
             except Exception as e:  # noqa: BLE001 - keep stopping the rest
-                log.warning("frontend shutdown: %r", e)
-            ray.kill(self.frontend, no_restart=True)
+                log.warning("frontend shutdown: %s", e)
+            self.frontend.kill()
             self.frontend = None
         if self.scheduler is not None:
             try:
-                ray.get(self.scheduler.shutdown.remote(), timeout=30)
+                self.scheduler.shutdown().result()
             except Exception as e:  # noqa: BLE001
-                log.warning("scheduler shutdown: %r", e)
-            ray.kill(self.scheduler, no_restart=True)
+                log.warning("scheduler shutdown: %s", e)
+            self.scheduler.kill()
             self.scheduler = None

@@ -14,27 +14,29 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
-import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from instance.backend import load_tokenizer
+from instance.kv_cache import blocks_for
+from instance.limits import DEFAULT_MAX_TOKENS, ORPHANS_REMEMBERED, SCHEDULER_SILENCE_S
 from instance.messages import TokenChunk
-from instance.model.loader import load_tokenizer
 from instance.sampling import InvalidRequestError, SamplingParams, validate_request
 from orchestrator.config import ServeConfig
 from orchestrator.errors import AdminError
+from orchestrator.fleet import DEAD, SERVING, InstanceView
 from orchestrator.policies.dispatch import Candidate, choose_instance
 from orchestrator.policies.pd import ROLES, takes_prompts
-from orchestrator.scheduler import DEAD, SERVING, InstanceView
+from rpc import ActorDead, ActorTimeout, BackgroundTasks, Call, Rejected
+from rpc.frontend import FrontendClient
+from rpc.instance import InstanceClient
+from rpc.scheduler import SchedulerClient
 from tidal.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 256
-SCHEDULER_SILENCE_S = 2.0      # no table pushed for this long: the scheduler may have restarted, register again
 SERVICES = ("tidal.v1.GenerationService", "tidal.v1.AdminService")
 FINISH_REASONS = {
     "stop": generation_pb2.FINISH_REASON_STOP,
@@ -64,8 +66,7 @@ class RequestStream:
     failover needs to resume it elsewhere: its prompt, params and the tokens its client already has."""
 
     request_id: str
-    instance_id: str
-    actor: Any
+    instance: InstanceClient                                        # where it runs now
     prompt_ids: list[int] = field(default_factory=list)
     params: SamplingParams | None = None
     priority: int = 0
@@ -105,7 +106,7 @@ class Frontend:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.config = ServeConfig(**config)
         self.name = name
-        self.tokenizer = load_tokenizer(self.config.engine.model)
+        self.tokenizer = load_tokenizer(self.config.engine)
         self.views: dict[str, InstanceView] = {}
         self.streams: dict[str, RequestStream] = {}
         self.pending: dict[str, dict[str, _Pending]] = {}     # instance id -> request id -> pending
@@ -116,18 +117,19 @@ class Frontend:
         self.health = health.aio.HealthServicer()
         self._rng = random.Random()
         self._turn = 0
-        self._self_actor = None
-        self.scheduler = None
+        self.me: FrontendClient | None = None                 # the sink instances push this frontend's chunks to
+        self.scheduler: SchedulerClient | None = None
         self.port = 0
         self._last_update = time.monotonic()
+        self.tasks = BackgroundTasks(f"frontend {name}")
         self._watchdog: asyncio.Task | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
-    async def start(self, scheduler: Any) -> int:
+    async def start(self, scheduler: SchedulerClient) -> int:
         """Bind the gRPC server, register with the scheduler, and return the port."""
         if self.server is not None:
             return self.port
-        self._self_actor = ray.get_runtime_context().current_actor
+        self.me = FrontendClient.current(self.name, self.config.deadlines)
         self.scheduler = scheduler
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), server)
@@ -141,10 +143,8 @@ class Frontend:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self.server = server
-        views = await asyncio.wait_for(scheduler.register_frontend.remote(self.name, self._self_actor),
-                                       self.config.call_timeout_s)
-        await self.update_instances(views)
-        self._watchdog = asyncio.ensure_future(self._watch_scheduler())
+        await self.update_instances(await scheduler.register_frontend(self.name, self.me))
+        self._watchdog = self.tasks.spawn("scheduler watchdog", self._watch_scheduler())
         log.info("frontend %s listening on %s:%d", self.name, self.config.host, self.port)
         return self.port
 
@@ -156,8 +156,7 @@ class Frontend:
             if time.monotonic() - self._last_update < SCHEDULER_SILENCE_S:
                 continue
             try:
-                views = await asyncio.wait_for(self.scheduler.register_frontend.remote(self.name, self._self_actor),
-                                               self.config.startup_timeout_s)
+                views = await self.scheduler.register_frontend(self.name, self.me, self.config.startup_timeout_s)
                 await self.update_instances(views)
                 log.info("frontend %s: registered again with the scheduler", self.name)
             except Exception as e:  # noqa: BLE001 - keep serving on the last table and keep trying
@@ -209,8 +208,8 @@ class Frontend:
                     del pending[rid]
         dead = {v.instance_id for v in views if v.state == DEAD}
         for stream in list(self.streams.values()):
-            if stream.instance_id in dead and not stream.failing_over:
-                asyncio.ensure_future(self._failover(stream))
+            if stream.instance.instance_id in dead and not stream.failing_over:
+                self.tasks.spawn(f"failover {stream.request_id}", self._failover(stream))
         serving = [v for v in views if v.state == SERVING]
         if (not self.accepting and not self.shutting_down and serving and len(serving) == len(views)
                 and self.server is not None):
@@ -224,27 +223,26 @@ class Frontend:
             if stream is not None:
                 stream.offer(chunk)
             elif chunk.finish_reason is None:
-                self._abort_orphan(chunk.request_id, chunk.instance_id, None)
+                view = self.views.get(chunk.instance_id)
+                if view is not None:
+                    self._abort_orphan(chunk.request_id, view.client)
 
-    async def request_moved(self, request_id: str, instance_id: str, actor: Any) -> None:
+    async def request_moved(self, request_id: str, instance: InstanceClient) -> None:
         """A migration committed: aborts of this request now go to its new instance."""
         stream = self.streams.get(request_id)
         if stream is None:
-            self._abort_orphan(request_id, instance_id, actor)
+            self._abort_orphan(request_id, instance)
             return
-        stream.instance_id, stream.actor = instance_id, actor
+        stream.instance = instance
 
-    def _abort_orphan(self, request_id: str, instance_id: str, actor: Any) -> None:
+    def _abort_orphan(self, request_id: str, instance: InstanceClient) -> None:
         """Tokens (or a move) for a stream this frontend no longer holds: its client is gone, stop it there."""
         if request_id in self._orphans:
             return
         self._orphans[request_id] = None
-        while len(self._orphans) > 4096:
+        while len(self._orphans) > ORPHANS_REMEMBERED:
             self._orphans.pop(next(iter(self._orphans)))
-        view = self.views.get(instance_id)
-        target = actor or (view.actor if view else None)
-        if target is not None:
-            asyncio.ensure_future(self._abort_on_instance(RequestStream(request_id, instance_id, target)))
+        self.tasks.spawn(f"abort orphan {request_id}", self._abort_on_instance(RequestStream(request_id, instance)))
 
     # ----- generation ----------------------------------------------------------------------------------------
     def parse(self, request) -> tuple[list[int], SamplingParams, int]:
@@ -322,33 +320,29 @@ class Frontend:
         if rid in self.streams:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {rid!r} is already running")
         target = self.dispatch(len(ids))
-        block_size = target.status.load.block_size
-        pending = _Pending(blocks=-(-(len(ids) + 1) // block_size))
+        pending = _Pending(blocks=blocks_for(len(ids) + 1, target.status.load.block_size))
         self.pending.setdefault(target.instance_id, {})[rid] = pending
-        stream = RequestStream(rid, target.instance_id, target.actor, prompt_ids=ids, params=params,
-                               priority=priority)
+        stream = RequestStream(rid, target.client, prompt_ids=ids, params=params, priority=priority)
         self.streams[rid] = stream
         finished = False
         try:
             try:
-                pending.accepted_at_step = await asyncio.wait_for(
-                    target.actor.add_request.remote(rid, ids, params, priority, self._self_actor),
-                    self.config.call_timeout_s)
-            except ray.exceptions.RayTaskError as e:
+                pending.accepted_at_step = await target.client.add_request(rid, ids, params, priority, self.me)
+            except Rejected as e:
                 if isinstance(e.cause, InvalidRequestError):
                     raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e.cause)) from None
                 raise RpcError(grpc.StatusCode.INTERNAL,
                                f"instance {target.instance_id} failed to add the request: {e.cause!r}") from None
-            except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
+            except (ActorDead, ActorTimeout) as e:
                 log.warning("instance %s did not accept %s (%s); trying another", target.instance_id, rid,
                             type(e).__name__)
-                asyncio.ensure_future(self._failover(stream))
+                self.tasks.spawn(f"failover {rid}", self._failover(stream))
             while True:
                 try:
                     item = await asyncio.wait_for(stream.queue.get(), self.config.stream_idle_timeout_s)
                 except asyncio.TimeoutError:
                     raise RpcError(grpc.StatusCode.UNAVAILABLE,
-                                   f"no token from instance {stream.instance_id} for "
+                                   f"no token from instance {stream.instance.instance_id} for "
                                    f"{self.config.stream_idle_timeout_s:.0f} s") from None
                 if isinstance(item, RpcError):
                     raise item
@@ -360,44 +354,43 @@ class Frontend:
             self.streams.pop(rid, None)
             self.pending.get(target.instance_id, {}).pop(rid, None)
             if not finished:
-                asyncio.ensure_future(self._abort_on_instance(stream))
+                self.tasks.spawn(f"abort {rid}", self._abort_on_instance(stream))
 
     async def _failover(self, stream: RequestStream) -> None:
         """The stream's instance died: resume the request on a live one from the tokens its client has."""
         stream.failing_over = True
-        dead = {stream.instance_id}
+        dead = {stream.instance.instance_id}
         try:
             while stream.request_id in self.streams:
                 stream.retries += 1
                 if stream.retries > self.config.request_retries:
                     stream.fail(grpc.StatusCode.UNAVAILABLE,
-                                f"instance {stream.instance_id} failed and the retry budget "
+                                f"instance {stream.instance.instance_id} failed and the retry budget "
                                 f"({self.config.request_retries}) is spent")
                     return
                 try:
                     target = self.dispatch(len(stream.prompt_ids) + len(stream.tokens), exclude=frozenset(dead))
                 except RpcError as e:
                     stream.fail(grpc.StatusCode.UNAVAILABLE,
-                                f"instance {stream.instance_id} failed and no instance can take over: {e}")
+                                f"instance {stream.instance.instance_id} failed and no instance can take over: {e}")
                     return
                 stream.held.clear()          # whatever the dead instance sent past next_seq is regenerated
-                stream.instance_id, stream.actor = target.instance_id, target.actor
+                stream.instance = target.client
                 try:
-                    await asyncio.wait_for(target.actor.resume_request.remote(
+                    await target.client.recover_request(
                         stream.request_id, stream.prompt_ids, list(stream.tokens), stream.params,
-                        stream.params.seed, stream.priority, stream.text_len, self._self_actor, stream.next_seq),
-                        self.config.call_timeout_s)
+                        stream.params.seed, stream.priority, stream.text_len, self.me, stream.next_seq)
                     log.info("failover: %s resumed on %s after %d tokens (attempt %d)", stream.request_id,
                              target.instance_id, len(stream.tokens), stream.retries)
                     return
-                except ray.exceptions.RayTaskError as e:
+                except Rejected as e:
                     if isinstance(e.cause, InvalidRequestError) and e.cause.field == "request_id":
                         # a migration to this instance committed just before its source died: it is already here
                         log.info("failover: %s already lives on %s", stream.request_id, target.instance_id)
                         return
                     stream.fail(grpc.StatusCode.INTERNAL, f"resuming on {target.instance_id} failed: {e.cause!r}")
                     return
-                except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                except (ActorDead, ActorTimeout):
                     dead.add(target.instance_id)
         finally:
             stream.failing_over = False
@@ -407,31 +400,31 @@ class Frontend:
         if stream is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"request_id: no running request {request_id!r}")
         await self._abort_on_instance(stream)
-        stream.queue.put_nowait(TokenChunk(request_id, stream.next_seq, (), "", stream.instance_id, "abort"))
+        stream.queue.put_nowait(TokenChunk(request_id, stream.next_seq, (), "", stream.instance.instance_id,
+                                           "abort"))
         stream.next_seq += 1
-        return stream.instance_id
+        return stream.instance.instance_id
 
-    async def admin(self, method: str, *args, timeout_s: float | None = None):
-        """Forward an admin command to the scheduler; its AdminError becomes the RPC's status."""
+    async def admin(self, command: Call):
+        """Wait for an admin command forwarded to the scheduler; its AdminError becomes the RPC's status."""
         try:
-            return await asyncio.wait_for(getattr(self.scheduler, method).remote(*args),
-                                          timeout_s or self.config.call_timeout_s)
-        except ray.exceptions.RayTaskError as e:
+            return await command
+        except Rejected as e:
             if isinstance(e.cause, AdminError):
                 raise RpcError(grpc.StatusCode[e.cause.code], e.cause.message) from None
-            raise RpcError(grpc.StatusCode.INTERNAL, f"{method} failed: {e.cause!r}") from None
-        except ray.exceptions.RayActorError:
+            raise RpcError(grpc.StatusCode.INTERNAL, f"{e.method} failed: {e.cause!r}") from None
+        except ActorDead:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the scheduler is restarting; retry shortly") from None
-        except asyncio.TimeoutError:
-            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} did not finish in time") from None
+        except ActorTimeout as e:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{e.method} did not finish in time") from None
 
     async def _abort_on_instance(self, stream: RequestStream) -> None:
-        actor = stream.actor
+        where = stream.instance.instance_id
         try:
-            await asyncio.wait_for(actor.abort.remote(stream.request_id), self.config.call_timeout_s)
-            log.info("aborted %s on %s", stream.request_id, stream.instance_id)
+            await stream.instance.abort_request(stream.request_id)
+            log.info("aborted %s on %s", stream.request_id, where)
         except Exception as e:  # noqa: BLE001 - the instance may be gone; nothing else to free here
-            log.warning("abort of %s on %s failed: %r", stream.request_id, stream.instance_id, e)
+            log.warning("abort of %s on %s failed: %s", stream.request_id, where, e)
 
 
 def chunk_to_proto(chunk: TokenChunk) -> generation_pb2.GenerateResponse:
@@ -494,35 +487,34 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"instance_id: no instance {request.instance_id!r}")
         return admin_pb2.GetInstanceResponse(instance=view_to_proto(v))
 
-    async def _admin(self, context, method: str, *args, timeout_s: float | None = None):
+    async def _admin(self, context, command: Call):
         try:
-            return await self.fe.admin(method, *args, timeout_s=timeout_s)
+            return await self.fe.admin(command)
         except RpcError as e:
             await context.abort(e.code, str(e))
 
     async def DrainInstance(self, request, context):
-        report = await self._admin(context, "drain", request.instance_id,
-                                   timeout_s=self.fe.config.drain_timeout_s + 30)
+        report = await self._admin(context, self.fe.scheduler.drain(request.instance_id))
         return admin_pb2.DrainInstanceResponse(
             instance_id=report.instance_id, moved=[migration_to_proto(r) for r in report.moved],
             not_moved=[admin_pb2.NotMoved(request_id=rid, reason=why) for rid, why in report.not_moved],
             remaining=report.remaining)
 
     async def UndrainInstance(self, request, context):
-        state = await self._admin(context, "undrain", request.instance_id)
+        state = await self._admin(context, self.fe.scheduler.undrain(request.instance_id))
         return admin_pb2.UndrainInstanceResponse(state=INSTANCE_STATES[state])
 
     async def Rebalance(self, request, context):
-        records = await self._admin(context, "rebalance", timeout_s=self._migration_timeout())
+        records = await self._admin(context, self.fe.scheduler.rebalance())
         return admin_pb2.RebalanceResponse(migrations=[migration_to_proto(r) for r in records])
 
     async def MigrateRequest(self, request, context):
-        record = await self._admin(context, "migrate", request.request_id, request.to_instance_id or None,
-                                   timeout_s=self._migration_timeout())
+        record = await self._admin(context, self.fe.scheduler.migrate(request.request_id,
+                                                                      request.to_instance_id or None))
         return admin_pb2.MigrateRequestResponse(migration=migration_to_proto(record))
 
     async def ListMigrations(self, request, context):
-        in_flight, recent = await self._admin(context, "list_migrations")
+        in_flight, recent = await self._admin(context, self.fe.scheduler.list_migrations())
         return admin_pb2.ListMigrationsResponse(in_flight=[migration_to_proto(r) for r in in_flight],
                                                 recent=[migration_to_proto(r) for r in recent])
 
@@ -531,9 +523,5 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if role is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"role: choose one of {', '.join(ROLES)} (got {request.role})")
-        previous = await self._admin(context, "set_role", request.instance_id, role)
+        previous = await self._admin(context, self.fe.scheduler.set_role(request.instance_id, role))
         return admin_pb2.SetRoleResponse(previous=INSTANCE_ROLES[previous], role=INSTANCE_ROLES[role])
-
-    def _migration_timeout(self) -> float:
-        m = self.fe.config.migration
-        return m.call_timeout_s * (m.max_stages + 6)

@@ -1,6 +1,7 @@
 """The migration protocol's two halves over two real engines in one process, with faults injected at exact
-points: an abort in each state, a failing destination, a preempted source. (tests/integration covers the same
-protocol between real Ray actors.)"""
+points: an abort in each state, a failing destination, a preempted source. The ports are the instance's own
+(`instance.migration_ports`), run inline instead of through a step loop; tests/integration covers the same
+protocol between real Ray actors."""
 
 import asyncio
 import random
@@ -8,10 +9,11 @@ import random
 import pytest
 
 from instance.engine import Engine
+from instance.migration_ports import EngineDestinationPort, EngineSourcePort
 from instance.sampling import SamplingParams
+from instance.streams import StreamRegistry
 from migration.destination import MigrationDestination
-from migration.protocol import (MigrationAborted, MigrationConfig, MigrationRecord, MigrationState,
-                                RequestSnapshot)
+from migration.protocol import MigrationAborted, MigrationConfig, MigrationRecord, MigrationState
 from migration.source import migrate_out
 from migration.transport import RayObjectStoreTransport
 
@@ -20,85 +22,62 @@ PARAMS = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
 CONFIG = MigrationConfig(last_stage_max_blocks=2)
 
 
-class Source:
-    """SourcePort over an Engine; `hooks[name]()` runs before the port call `name`."""
+class InlineSteps:
+    """The step loop of an engine that nobody steps in the background: calls run at once."""
 
-    def __init__(self, engine: Engine):
-        self.engine, self.block_size, self.hooks = engine, engine.config.block_size, {}
+    async def between_steps(self, fn):
+        return fn()
+
+    async def beside_step(self, fn, *args):
+        return fn(*args)
+
+
+class Hooks:
+    """`hooks[name]()` runs before the port call `name`."""
+
+    def __init__(self):
+        self.hooks = {}
 
     def _hook(self, name):
         if name in self.hooks:
             self.hooks.pop(name)()
 
+
+class Source(EngineSourcePort, Hooks):
+    def __init__(self, engine: Engine):
+        EngineSourcePort.__init__(self, engine, InlineSteps(), StreamRegistry("src"))
+        Hooks.__init__(self)
+
     async def snapshot(self, rid):
         self._hook("snapshot")
-        info = self.engine.request_info(rid, with_blocks=True)
-        return info and RequestSnapshot(info.num_computed_tokens, info.block_ids, info.num_preemptions,
-                                        info.status == "suspended", info.num_output_tokens)
+        return await super().snapshot(rid)
 
-    async def export(self, ids):
+    async def export(self, rid, start, end):
         self._hook("export")
-        return self.engine.export_blocks(ids)
+        return await super().export(rid, start, end)
 
     async def suspend(self, rid, copied, preemptions):
         self._hook("suspend")
-        info = self.engine.request_info(rid, with_blocks=True)
-        if info is None:
-            return None
-        if info.num_preemptions != preemptions:
-            raise MigrationAborted(MigrationState.ABORTED_SRC, "preempted")
-        state = self.engine.suspend(rid)
-        needed = -(-state.num_computed_tokens // self.block_size)
-        rest = self.engine.export_blocks(list(info.block_ids[copied:needed])) if needed > copied else None
-        return state, None, 0, rest
-
-    async def resume(self, rid):
-        if self.engine.request_info(rid):
-            self.engine.resume(rid)
-
-    async def release(self, rid):
-        if self.engine.request_info(rid) is None:
-            return False
-        self.engine.free_suspended(rid)
-        return True
+        return await super().suspend(rid, copied, preemptions)
 
 
-class Destination:
-    """DestinationPort over an Engine, and the DestinationPeer the source calls (with hooks)."""
+class Destination(Hooks):
+    """The destination instance: its port and half, and the DestinationPeer the source calls (with hooks)."""
 
     instance_id = "dst"
 
     def __init__(self, engine: Engine):
-        self.engine, self.hooks = engine, {}
-        self.half = MigrationDestination(self, CONFIG, RayObjectStoreTransport().receive)
+        super().__init__()
+        self.engine = engine
+        self.port = EngineDestinationPort(engine, InlineSteps(), StreamRegistry("dst"))
+        self.half = MigrationDestination(self.port, CONFIG, RayObjectStoreTransport().receive)
 
-    def _hook(self, name):
-        if name in self.hooks:
-            self.hooks.pop(name)()
-
-    # port (the destination half calls these)
-    async def reserve_blocks(self, n):
-        return self.engine.reserve_blocks(n)
-
-    async def import_blocks(self, ids, blocks):
-        self.engine.import_blocks(ids, blocks)
-
-    async def release_blocks(self, ids):
-        self.engine.release_reserved(ids)
-
-    async def admit(self, state, ids, sink, seq):
-        self.engine.admit_migrated(state, ids)
-
-    async def abort_request(self, rid):
-        return self.engine.abort(rid)
-
-    # peer (the source calls these)
     async def reserve(self, mid, rid, src, n):
         self._hook("reserve")
         return await self.half.reserve(mid, rid, src, n)
 
-    async def receive(self, mid, ids, payload):
-        await self.half.receive(mid, ids, payload)
+    async def receive(self, mid, first, payload):
+        await self.half.receive(mid, first, payload)
 
     async def commit(self, mid, state, sink, seq):
         self._hook("commit")
@@ -106,6 +85,9 @@ class Destination:
 
     async def abort(self, mid):
         await self.half.abort(mid)
+
+    async def abort_request(self, rid):
+        return await self.port.abort_request(rid)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +121,8 @@ def finish(engine: Engine) -> list[int]:
 def assert_clean(*engines):
     for e in engines:
         e.check_integrity()
-        assert e.pool.num_free == e.pool.num_blocks and not e.requests
+        load = e.load()
+        assert load.free_blocks == load.total_blocks and not e.list_requests()
 
 
 def test_committed_migration_continues_with_the_same_tokens(reference):
@@ -147,7 +130,7 @@ def test_committed_migration_continues_with_the_same_tokens(reference):
     record = migrate(src, dst)
     assert record.state is MigrationState.COMMITTED and record.stage >= 1
     assert record.stage_blocks[-1] <= CONFIG.last_stage_max_blocks + 1
-    assert "r" not in src.engine.requests
+    assert src.engine.request_info("r") is None
     assert before + finish(dst.engine) == reference.generate([p], PARAMS)[0].new_token_ids
     assert_clean(src.engine, dst.engine)
 
@@ -186,7 +169,7 @@ def test_a_failing_commit_puts_the_request_back_on_the_source(reference):
     dst.hooks["commit"] = fail
     record = migrate(src, dst)
     assert record.state is MigrationState.ABORTED_DST
-    assert dst.engine.pool.num_free == dst.engine.pool.num_blocks       # reservation released
+    assert dst.engine.load().free_blocks == dst.engine.load().total_blocks      # reservation released
     assert before + finish(src.engine) == reference.generate([p], PARAMS)[0].new_token_ids
     assert_clean(src.engine, dst.engine)
 
@@ -197,10 +180,10 @@ def test_a_destination_out_of_blocks_aborts_cleanly(reference):
     src.engine.add_request("r", prompt_token_ids=[7] * 500, params=SamplingParams(max_tokens=8, temperature=0))
     for _ in range(9):                                                # prefill 500 tokens, 64 a step
         src.engine.step()
-    dst.engine.reserve_blocks(100)                                    # most of it is taken
+    dst.engine.reserve_import("another", 100)                        # most of it is taken
     record = migrate(src, dst)
     assert record.state is MigrationState.ABORTED_DST and "blocks" in record.reason
-    assert dst.engine.pool.num_reserved == 100                        # only ours remain
+    assert dst.engine.load().reserved_blocks == 100                   # only ours remain
     finish(src.engine)
     src.engine.check_integrity()
 
@@ -209,12 +192,8 @@ def test_preemption_on_the_source_during_copying_aborts_and_the_request_goes_on(
     src, dst, p, before = start()
 
     def preempt():
-        req = src.engine.requests["r"]
-        src.engine.scheduler.running.remove(req)
-        src.engine.scheduler.free_blocks(req)
-        req.num_computed_tokens = 0
-        req.num_preemptions += 1
-        src.engine.scheduler.add(req)
+        core = src.engine.core
+        core.scheduler.preempt(core.get("r"))
 
     src.hooks["export"] = preempt
     record = migrate(src, dst)
@@ -226,10 +205,10 @@ def test_preemption_on_the_source_during_copying_aborts_and_the_request_goes_on(
 def test_a_silent_source_leaves_a_reservation_that_the_watchdog_frees():
     clock = [0.0]
     dst = Destination(Engine(**ENGINE))
-    dst.half = MigrationDestination(dst, CONFIG.model_copy(update={"dst_idle_timeout_s": 5.0}),
+    dst.half = MigrationDestination(dst.port, CONFIG.model_copy(update={"dst_idle_timeout_s": 5.0}),
                                     RayObjectStoreTransport().receive, clock=lambda: clock[0])
     asyncio.run(dst.reserve("m9", "r", "src", 10))
-    assert dst.engine.pool.num_reserved == 10
+    assert dst.engine.load().reserved_blocks == 10
     clock[0] = 4.0
     assert asyncio.run(dst.half.reap()) == []
     clock[0] = 6.0
@@ -242,16 +221,16 @@ def test_a_reservation_reaped_while_it_waits_for_blocks_is_released_not_leaked()
     a new reservation looked silent since time 0 and its blocks leaked)."""
     clock = [100.0]
     dst = Destination(Engine(**ENGINE))
-    dst.half = MigrationDestination(dst, CONFIG.model_copy(update={"dst_idle_timeout_s": 5.0}),
+    dst.half = MigrationDestination(dst.port, CONFIG.model_copy(update={"dst_idle_timeout_s": 5.0}),
                                     RayObjectStoreTransport().receive, clock=lambda: clock[0])
     gate = asyncio.Event()
-    inner = dst.reserve_blocks
+    inner = dst.port.reserve
 
-    async def slow_reserve(n):
+    async def slow_reserve(import_id, n):
         await gate.wait()                      # the destination is busy with a step
-        return await inner(n)
+        return await inner(import_id, n)
 
-    dst.reserve_blocks = slow_reserve
+    dst.port.reserve = slow_reserve
 
     async def scenario():
         reserving = asyncio.ensure_future(dst.half.reserve("m1", "r", "src", 8))
@@ -301,6 +280,7 @@ def test_a_hand_over_whose_prefill_never_finishes_gives_up_cleanly():
     config = CONFIG.model_copy(update={"handoff_prefill_timeout_s": 0.05})
     asyncio.run(migrate_out(src, dst, RayObjectStoreTransport(), record, config, handoff=True))
     assert record.state is MigrationState.ABORTED_SRC and "prefill did not finish" in record.reason
-    assert "r" in src.engine.requests and dst.engine.pool.num_free == dst.engine.pool.num_blocks
+    assert src.engine.request_info("r") is not None
+    assert dst.engine.load().free_blocks == dst.engine.load().total_blocks
     src.engine.abort("r")
     assert_clean(src.engine, dst.engine)
