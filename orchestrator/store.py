@@ -11,11 +11,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
-import random
 import re
 import threading
-import time
-from typing import Callable
 from urllib.parse import urlsplit
 
 import ray
@@ -24,16 +21,11 @@ from ray.experimental import internal_kv
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-Updater = Callable[[dict | None], dict | None]
 _DEPLOYMENT = re.compile(r"^[a-z0-9][a-z0-9-]*$")    # as DeploymentConfig.deployment: no ':' or '/' to collide on
 
 
 class StoreError(RuntimeError):
     """The store is unreachable or misconfigured; the message says what to check."""
-
-
-class StoreConflict(StoreError):
-    """update() lost the race for a key on every attempt it makes."""
 
 
 class StateStore(abc.ABC):
@@ -53,11 +45,6 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def scan(self, prefix: str = "") -> dict[str, dict]:
         """Every key of this deployment that starts with `prefix`, with its value."""
-
-    @abc.abstractmethod
-    def update(self, key: str, fn: Updater) -> dict | None:
-        """Atomically replace the value with fn(value) (None: missing/delete) and return it. fn may run more
-        than once, so it must have no side effects."""
 
     def close(self) -> None:
         pass
@@ -86,9 +73,8 @@ class RayKVStore(StateStore):
     """Ray's GCS internal KV, namespace `tidal/<deployment>`.
 
     It lives as long as the Ray cluster's GCS: across scheduler restarts, and across GCS restarts only with
-    GCS fault tolerance (an external Redis behind the GCS). The GCS KV has no compare-and-swap, so update()
-    is atomic only among callers in this process (a lock serialises them): the GlobalScheduler is the single
-    writer of its deployment's state. Use RedisStore when more than one process writes.
+    GCS fault tolerance (an external Redis behind the GCS). The GlobalScheduler is the single writer of its
+    deployment's state, so plain puts are enough (a lock serialises this process's writers).
     """
 
     url = "ray-gcs-kv"
@@ -134,22 +120,13 @@ class RayKVStore(StateStore):
             raw = {k.decode(): internal_kv._internal_kv_get(k, namespace=self.namespace) for k in keys}
         return {k: _decode(v) for k, v in sorted(raw.items()) if v is not None}
 
-    def update(self, key, fn):
-        with self._errors(), self._lock:
-            new = fn(_decode(internal_kv._internal_kv_get(key, namespace=self.namespace)))
-            self._write(key, None if new is None else _encode(key, new))
-            return new
-
 
 class RedisStore(StateStore):
     """Redis (redis-py), keys `tidal:<deployment>:<key>`; durable when the server runs with appendonly yes.
-
-    update() is optimistic: WATCH the key, call fn, then SET (or DEL) in MULTI/EXEC. A write by anyone else
-    in between aborts the EXEC and the update runs again after a jittered backoff, at most `max_attempts`
-    times, then StoreConflict. Socket timeouts bound every call, so a dead server gives StoreError, not a hang.
+    Socket timeouts bound every call, so a dead server gives StoreError, not a hang.
     """
 
-    def __init__(self, url: str, deployment: str, *, timeout_s: float = 3.0, max_attempts: int = 100):
+    def __init__(self, url: str, deployment: str, *, timeout_s: float = 3.0):
         u = urlsplit(url)
         try:
             host, port = u.hostname or "localhost", u.port or 6379
@@ -159,7 +136,6 @@ class RedisStore(StateStore):
         self.url = f"{u.scheme}://{host}:{port}/{db}"
         self._address = f"{host}:{port}"
         self._prefix = f"tidal:{_check_deployment(deployment)}:"
-        self._max_attempts = max_attempts
         self._r = redis.Redis(host=host, port=port, db=db, username=u.username, password=u.password,
                               ssl=u.scheme == "rediss", socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
                               retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
@@ -196,26 +172,6 @@ class RedisStore(StateStore):
             values = self._r.mget(keys) if keys else []
         n = len(self._prefix)
         return {k.decode()[n:]: _decode(v) for k, v in zip(keys, values) if v is not None}
-
-    def update(self, key, fn):
-        k = self._prefix + key
-        with self._errors(), self._r.pipeline() as pipe:
-            for attempt in range(self._max_attempts):
-                try:
-                    pipe.watch(k)
-                    new = fn(_decode(pipe.get(k)))
-                    data = None if new is None else _encode(key, new)
-                    pipe.multi()
-                    if data is None:
-                        pipe.delete(k)
-                    else:
-                        pipe.set(k, data)
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    time.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
-        raise StoreConflict(f"state key {key!r}: another writer changed it during all {self._max_attempts} "
-                            "attempts to update it; is a second scheduler running for this deployment?")
 
     def close(self):
         self._r.close()

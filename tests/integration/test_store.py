@@ -1,12 +1,11 @@
 """The state store on both backends: Ray's GCS KV (a local Ray) and a real redis-server."""
 
-import threading
 import time
 import uuid
 
 import pytest
 
-from orchestrator.store import RayKVStore, RedisStore, StoreConflict, StoreError, open_store
+from orchestrator.store import RayKVStore, RedisStore, StoreError, open_store
 from tests.redis_server import RedisServer, free_port
 
 
@@ -72,54 +71,12 @@ def test_deployments_do_not_see_each_others_keys(open_deployment):
     assert other.get("k") == {"who": "other"}
 
 
-def test_update_creates_modifies_deletes(open_deployment):
-    store = open_deployment()
-    seen = []
-
-    def bump(value):
-        seen.append(value)
-        return {"n": (value or {"n": 0})["n"] + 1}
-
-    assert store.update("counter", bump) == {"n": 1} and seen == [None]
-    assert store.update("counter", bump) == {"n": 2} and store.get("counter") == {"n": 2}
-    assert store.update("counter", lambda v: None) is None
-    assert store.get("counter") is None and store.scan() == {}
-    assert store.update("missing", lambda v: None) is None and store.get("missing") is None
-
-
-def test_concurrent_updates_lose_nothing(open_deployment):
-    store = open_deployment()
-    calls = []
-
-    def increment(value):
-        calls.append(1)
-        time.sleep(0.0002)    # widen the read-modify-write window so writers really overlap
-        return {"n": (value or {"n": 0})["n"] + 1}
-
-    def worker():
-        for _ in range(50):
-            store.update("counter", increment)
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert store.get("counter") == {"n": 400}
-    if isinstance(store, RedisStore):
-        assert len(calls) > 400    # WATCH conflicts happened and were retried
-    else:
-        assert len(calls) == 400    # the lock serialised them
-
-
 @pytest.mark.parametrize("value", [{"when": object()}, {"x": float("nan")}, ["not", "a", "dict"]])
 def test_values_that_are_not_json_dicts_are_refused(open_deployment, value):
     store = open_deployment()
     store.put("instances/a", {"ok": True})
     with pytest.raises(TypeError, match="instances/a"):
         store.put("instances/a", value)
-    with pytest.raises(TypeError, match="instances/a"):
-        store.update("instances/a", lambda v: value)
     assert store.get("instances/a") == {"ok": True}
 
 
@@ -127,7 +84,7 @@ def test_redis_state_survives_a_server_restart(tmp_path):
     with RedisServer(tmp_path, appendonly=True) as server:
         store = open_store(server.url, "restart")
         store.put("instances/a", {"actor": "restart-instance-a"})
-        store.update("ops/1", lambda v: {"stage": 1})
+        store.put("ops/1", {"stage": 1})
         server.restart()
         assert store.scan() == {"instances/a": {"actor": "restart-instance-a"}, "ops/1": {"stage": 1}}
         server.stop()
@@ -144,22 +101,6 @@ def test_unreachable_redis_is_a_clear_error_within_seconds():
     with pytest.raises(StoreError, match=f"cannot reach redis at 127.0.0.1:{port}.*redis-server.*--state-store"):
         open_store(f"redis://127.0.0.1:{port}/0", "tidal")
     assert time.monotonic() - start < 5
-
-
-def test_redis_update_gives_up_on_endless_conflicts(redis_server):
-    store = RedisStore(redis_server.url, "conflict", max_attempts=3)
-    rival = RedisStore(redis_server.url, "conflict")
-
-    def meddle(value):
-        rival.put("k", {"rival": time.monotonic()})    # changes the watched key every time
-        return {"mine": True}
-
-    with pytest.raises(StoreConflict, match="'k'.*3"):
-        store.update("k", meddle)
-    assert "rival" in store.get("k")
-    store.delete("k")
-    store.close()
-    rival.close()
 
 
 def test_open_store_picks_the_backend(redis_server, ray_local):

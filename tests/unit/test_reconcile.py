@@ -1,0 +1,330 @@
+"""The global scheduler's reconcile loop and admin commands, in-process, over fake instance and frontend clients
+and an in-memory state store: dead and silent instances, drains, restart recovery, a store outage, a failing
+step. (tests/e2e covers the same over real Ray actors.)"""
+
+import asyncio
+import logging
+
+import pytest
+
+from instance.backend import LoadSnapshot, RequestInfo
+from instance.config import EngineConfig
+from instance.messages import InstanceInfo, InstanceStatus
+from migration.protocol import MigrationRecord, MigrationState
+from orchestrator.fleet import DEAD, DRAINING, SERVING
+from orchestrator.registry import MAX_PUSH_FAILURES
+from orchestrator.scheduler import GlobalScheduler
+from orchestrator.store import StateStore, StoreError
+from rpc import ActorDead, ActorTimeout
+
+BS = 16
+TOTAL = 100
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemoryStore(StateStore):
+    """A state store in a dict; `down` makes every call fail as an unreachable store does."""
+
+    url = "memory"
+
+    def __init__(self):
+        self.data: dict[str, dict] = {}
+        self.down = False
+
+    def _check(self):
+        if self.down:
+            raise StoreError("memory store is down")
+
+    def get(self, key):
+        self._check()
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self._check()
+        self.data[key] = dict(value)
+
+    def delete(self, key):
+        self._check()
+        self.data.pop(key, None)
+
+    def scan(self, prefix=""):
+        self._check()
+        return {k: v for k, v in sorted(self.data.items()) if k.startswith(prefix)}
+
+
+def running(rid: str, tokens: int = 40) -> RequestInfo:
+    return RequestInfo(request_id=rid, status="running", num_tokens=tokens, num_prompt_tokens=tokens - 8,
+                       num_output_tokens=8, max_tokens=200, num_computed_tokens=tokens - 1, priority=0,
+                       num_preemptions=0)
+
+
+class FakeInstance:
+    """An instance client whose instance holds `requests`; `poll` decides what a status poll does."""
+
+    def __init__(self, instance_id: str):
+        self.instance_id = instance_id
+        self.actor = object()
+        self.requests: dict[str, RequestInfo] = {}
+        self.poll = "ok"               # ok | dead | hang | error
+        self.killed = False
+        self.started = 0
+        self.peers: dict[str, "FakeInstance"] = {}
+
+    async def start(self):
+        self.started += 1
+        return InstanceInfo(self.instance_id, "node-" + self.instance_id, "10.0.0.1", "tiny-llama", 1024, 256)
+
+    async def get_status(self):
+        if self.killed or self.poll == "dead":
+            raise ActorDead(self.instance_id, "get_status", "ActorDiedError")
+        if self.poll == "hang":
+            await asyncio.Event().wait()
+        if self.poll == "error":
+            raise ActorTimeout(self.instance_id, "get_status", "no answer within 30 s")
+        return self.status()
+
+    def status(self) -> InstanceStatus:
+        used = sum(-(-r.num_tokens // BS) for r in self.requests.values())
+        load = LoadSnapshot(total_blocks=TOTAL, free_blocks=TOTAL - used, used_blocks=used, reserved_blocks=0,
+                            block_size=BS, num_running=len(self.requests), num_waiting=0, num_preempted=0,
+                            num_suspended=0, head_demand_blocks=0, waiting_demand_blocks=0,
+                            running_tokens=sum(r.num_tokens for r in self.requests.values()), step_time_ms=1.0,
+                            tokens_per_s=100.0, num_preemptions_total=0)
+        return InstanceStatus(self.instance_id, load, 1, len(self.requests), tuple(self.requests.values()))
+
+    def kill(self):
+        self.killed = True
+
+    async def request_info(self, rid):
+        return self.requests.get(rid)
+
+    async def list_migrations(self):
+        return []
+
+    async def migrate_out(self, rid, dst, migration_id=None, handoff=False):
+        record = MigrationRecord(migration_id or "m", rid, self.instance_id, dst.instance_id)
+        req = self.requests.pop(rid, None)
+        if req is None:
+            record.state = MigrationState.ENDED
+        else:
+            dst.requests[rid] = req
+            record.state = MigrationState.COMMITTED
+        return record
+
+
+class FakeInstances:
+    """The instance factory: creates fakes, and finds those still alive by id (as Ray finds actors by name)."""
+
+    def __init__(self):
+        self.alive: dict[str, FakeInstance] = {}
+        self.created: list[str] = []
+
+    def create(self, instance_id):
+        self.created.append(instance_id)
+        self.alive[instance_id] = FakeInstance(instance_id)
+        return self.alive[instance_id]
+
+    def find(self, instance_id):
+        inst = self.alive.get(instance_id)
+        return inst if inst is not None and not inst.killed else None
+
+
+class FakeFrontend:
+    def __init__(self, name="fe", fail=None):
+        self.name = name
+        self.tables: list[list] = []
+        self.fail = fail               # None, or the error every push raises
+
+    async def update_instances(self, views):
+        if self.fail is not None:
+            raise self.fail
+        self.tables.append(views)
+
+    def states(self) -> dict[str, str]:
+        return {v.instance_id: v.state for v in self.tables[-1]}
+
+
+def config(**kw) -> dict:
+    return {"engine": EngineConfig(model="tiny-llama").model_dump(), "instances": 2, "instance_timeout_s": 5.0,
+            "load_interval_s": 0.01, "rebalance": {"auto": False}, **kw}
+
+
+async def rounds(sched: GlobalScheduler, n: int = 3, clock: Clock | None = None) -> None:
+    """n reconcile rounds, with the event loop running the polls in between (and `clock` a second on)."""
+    for _ in range(n):
+        if clock is not None:
+            clock.now += 1.0
+        sched.reconciler.run_once()
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+
+def scheduler(store=None, factory=None, clock=None, **kw) -> tuple[GlobalScheduler, FakeInstances, MemoryStore]:
+    factory, store = factory or FakeInstances(), store or MemoryStore()
+    sched = GlobalScheduler(config(**kw), instances=factory, store=store, clock=clock or Clock(), run_loop=False)
+    return sched, factory, store
+
+
+def test_a_dead_instance_is_fenced_and_frontends_see_it_dead():
+    async def scenario():
+        sched, factory, _ = scheduler()
+        await sched.start()
+        fe = FakeFrontend()
+        await sched.register_frontend("fe", fe)
+        await rounds(sched)
+        assert fe.states() == {"instance-0": SERVING, "instance-1": SERVING}
+        factory.alive["instance-1"].poll = "dead"
+        await rounds(sched)
+        assert fe.states() == {"instance-0": SERVING, "instance-1": DEAD}
+        assert factory.alive["instance-1"].killed and not factory.alive["instance-0"].killed
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("poll", ["hang", "error"])
+def test_an_instance_without_a_status_for_instance_timeout_is_declared_dead(poll):
+    """Whether its polls hang or keep failing, an instance that reports nothing for instance_timeout_s is
+    fenced; one that is just slow for less than that is not."""
+    async def scenario():
+        clock = Clock()
+        sched, factory, _ = scheduler(clock=clock)
+        await sched.start()
+        await rounds(sched)
+        factory.alive["instance-0"].poll = poll
+        clock.now += 4.0
+        await rounds(sched)
+        assert sched.fleet.members["instance-0"].state == SERVING       # 4 s of silence: under the timeout
+        clock.now += 2.0
+        await rounds(sched)
+        assert sched.fleet.members["instance-0"].state == DEAD           # 6 s
+        assert sched.fleet.members["instance-1"].state == SERVING        # it answered all along
+
+    asyncio.run(scenario())
+
+
+def test_a_drain_moves_every_request_stores_the_intent_and_tells_frontends_first():
+    async def scenario():
+        sched, factory, store = scheduler()
+        await sched.start()
+        fe = FakeFrontend()
+        await sched.register_frontend("fe", fe)
+        src = factory.alive["instance-0"]
+        for i in range(3):
+            src.requests[f"r{i}"] = running(f"r{i}")
+        await rounds(sched)
+        report = await sched.drain("instance-0")
+        assert report.remaining == 0 and sorted(r.request_id for r in report.moved) == ["r0", "r1", "r2"]
+        assert sorted(factory.alive["instance-1"].requests) == ["r0", "r1", "r2"]
+        assert fe.states()["instance-0"] == DRAINING
+        assert store.data["instance/instance-0"]["state"] == DRAINING and "op/drain/instance-0" not in store.data
+        assert await sched.undrain("instance-0") == SERVING and store.data["instance/instance-0"]["state"] == SERVING
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_scheduler_refinds_its_instances_with_their_state_and_roles():
+    async def scenario():
+        store, factory = MemoryStore(), FakeInstances()
+        first, _, _ = scheduler(store, factory, instances=3)
+        await first.start()
+        await first.set_role("instance-1", "decode")
+        await first.drain("instance-2")
+        factory.alive["instance-0"].kill()                   # died while no scheduler ran
+        second, _, _ = scheduler(store, factory, instances=3)  # what Ray restarts: same config, same store
+        await second.start()
+        members = second.fleet.members
+        assert {i: (m.state, m.role) for i, m in members.items()} == {
+            "instance-0": (DEAD, "both"), "instance-1": (SERVING, "decode"), "instance-2": (DRAINING, "both")}
+        assert factory.created == ["instance-0", "instance-1", "instance-2"]     # nothing created twice
+        assert factory.alive["instance-1"].started == 2                          # re-found and asked again
+
+    asyncio.run(scenario())
+
+
+def test_a_store_outage_pauses_writes_of_intent_and_they_catch_up():
+    async def scenario():
+        sched, _, store = scheduler()
+        await sched.start()
+        store.down = True
+        assert await sched.set_role("instance-0", "prefill") == "both"      # the command still works ...
+        report = await sched.drain("instance-1")                            # ... and so does a drain
+        assert report.remaining == 0 and sched.intent.pending
+        await rounds(sched)
+        assert store.data["instance/instance-0"]["role"] == "both"          # not written yet
+        store.down = False
+        await rounds(sched)
+        for _ in range(200):                                                 # the writes run in a thread
+            if not sched.intent.pending:
+                break
+            await asyncio.sleep(0.01)
+        assert not sched.intent.pending
+        assert store.data["instance/instance-0"]["role"] == "prefill"
+        assert store.data["instance/instance-1"]["state"] == DRAINING and "op/drain/instance-1" not in store.data
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_step_does_not_stop_the_others_and_background_failures_are_logged(caplog):
+    async def scenario():
+        sched, factory, _ = scheduler(rebalance=dict(auto=True, interval_s=0.01))
+        await sched.start()
+        fe = FakeFrontend()
+        await sched.register_frontend("fe", fe)
+
+        def broken():
+            raise RuntimeError("policy bug")
+
+        sched.moves.plan_rebalance = broken
+        factory.alive["instance-1"].poll = "dead"
+        with caplog.at_level(logging.ERROR):
+            await rounds(sched)
+            sched.tasks.spawn("doomed", _fail())
+            await asyncio.sleep(0.01)
+        assert fe.states()["instance-1"] == DEAD                  # observe and broadcast ran after the failure
+        assert set(sched.reconciler.step_timings_ms) == {"observe", "rebalance", "pd", "repair", "checkpoint",
+                                                         "broadcast"}
+        assert "reconcile step rebalance failed" in caplog.text
+        assert "scheduler: doomed failed" in caplog.text
+
+    async def _fail():
+        raise ValueError("lost task")
+
+    asyncio.run(scenario())
+
+
+def test_frontends_that_are_gone_or_keep_failing_are_unregistered():
+    async def scenario():
+        sched, _, _ = scheduler()
+        await sched.start()
+        await sched.register_frontend("gone", FakeFrontend(fail=ActorDead("gone", "update_instances", "dead")))
+        await sched.register_frontend("stuck", FakeFrontend(fail=ActorTimeout("stuck", "update_instances", "slow")))
+        await sched.register_frontend("ok", FakeFrontend())
+        await rounds(sched, 3)
+        assert set(sched.frontends.frontends) == {"stuck", "ok"}
+        await rounds(sched, MAX_PUSH_FAILURES + 1)
+        assert set(sched.frontends.frontends) == {"ok"}
+
+    asyncio.run(scenario())
+
+
+def test_rebalance_moves_work_from_a_loaded_instance_and_the_moved_request_cools_down():
+    async def scenario():
+        clock = Clock()
+        sched, factory, _ = scheduler(clock=clock, rebalance=dict(auto=True, interval_s=0.5, max_moves=1))
+        await sched.start()
+        busy = factory.alive["instance-0"]
+        for i in range(9):
+            busy.requests[f"r{i}"] = running(f"r{i}", tokens=160)       # 90 of 100 blocks
+        await rounds(sched, 2, clock)
+        moved = set(factory.alive["instance-1"].requests)
+        assert len(moved) == 1
+        assert set(sched.moves.ledger.request_moved_at) == moved
+
+    asyncio.run(scenario())
