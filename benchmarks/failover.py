@@ -36,7 +36,6 @@ import argparse
 import logging
 import os
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -48,6 +47,7 @@ import ray
 from benchmarks.traces import synthetic_prompt
 from instance.config import EngineConfig
 from instance.model.loader import load_tokenizer
+from orchestrator.bench.stats import median
 from orchestrator.config import ServeConfig
 from orchestrator.deployment import Deployment
 from tidal.v1 import generation_pb2, generation_pb2_grpc
@@ -96,7 +96,7 @@ def reference_run(gen, req) -> tuple[list[int], float]:
 
 
 def instances(d: Deployment) -> dict:
-    return {v.instance_id: v for v in ray.get(d.scheduler.list_instances.remote(), timeout=30)}
+    return {v.instance_id: v for v in d.scheduler.list_instances().result()}
 
 
 def wait_all_serving(d: Deployment, n: int) -> None:
@@ -119,7 +119,7 @@ def kill(d: Deployment, instance_id: str, how: str) -> float:
         os.kill(pid, signal.SIGKILL)
     else:
         at = time.monotonic()
-        ray.kill(view.actor, no_restart=True)
+        view.client.kill()
     return at
 
 
@@ -189,9 +189,6 @@ def run_trial(d: Deployment, gen, tokenizer, context: int, repeat: int, how: str
     return trial
 
 
-def med(values) -> float:
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else float("nan")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = ServeConfig(engine=EngineConfig(model=args.model, max_model_len=2304, kv_cache_gib=0.4),
                       instances=2, host="127.0.0.1", port=0, deployment="bench-failover",
-                      namespace="tidal-bench", restart_dead_instances=True, auto_migrate=False,
+                      namespace="tidal-bench", restart_dead_instances=True, rebalance=dict(auto=False),
                       grace_period_s=2.0)
     tokenizer = load_tokenizer(args.model)
     # the instances' logs (a restart after every kill) stay in Ray's log files, out of the table
@@ -234,10 +231,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{'identical':>10}")
     for c in args.contexts:
         ts = [t for t in trials if t.context == c]
-        fo, ttft = med(t.failover_ms for t in ts), med(t.ttft_ms for t in ts)
+        fo, ttft = median(t.failover_ms for t in ts), median(t.ttft_ms for t in ts)
         print(f"{c:>8} {fo:>12.0f} {ttft:>19.0f} {fo - ttft:>16.0f} {sum(t.identical for t in ts):>6}/{len(ts)}")
     same = sum(t.identical for t in trials)
-    figures = " ".join(f"failover_ms_{c}={med(t.failover_ms for t in trials if t.context == c):.0f}"
+    figures = " ".join(f"failover_ms_{c}={median(t.failover_ms for t in trials if t.context == c):.0f}"
                        for c in args.contexts)
     print(f"{figures} identical_fraction={same / len(trials):.3f}")
     sys.stdout.flush()

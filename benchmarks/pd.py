@@ -56,7 +56,7 @@ FIRST_ROW = 1000
 CONFIGS = {
     "colocated": dict(),
     "pd": dict(prefill_instances=2, decode_instances=2),
-    "adaptive": dict(prefill_instances=2, decode_instances=2, pd_adaptive=True, pd_cooldown_s=5.0),
+    "adaptive": dict(prefill_instances=2, decode_instances=2, pd=dict(adaptive=True, cooldown_s=5.0)),
 }
 
 

@@ -47,10 +47,10 @@ from orchestrator.bench.stats import Slo, summarize
 
 FIRST_ROW = 2000
 POLICIES = {
-    "rr": dict(dispatch_policy="round-robin", auto_migrate=False),
-    "leastload": dict(dispatch_policy="least-load", auto_migrate=False),
-    "freeness": dict(dispatch_policy="freeness", auto_migrate=False),
-    "tidal": dict(dispatch_policy="freeness", auto_migrate=True),
+    "rr": dict(dispatch_policy="round-robin", rebalance=dict(auto=False)),
+    "leastload": dict(dispatch_policy="least-load", rebalance=dict(auto=False)),
+    "freeness": dict(dispatch_policy="freeness", rebalance=dict(auto=False)),
+    "tidal": dict(dispatch_policy="freeness", rebalance=dict(auto=True)),
 }
 DEFAULT_POLICIES = ["rr", "leastload", "tidal"]
 
@@ -71,9 +71,9 @@ def run_policy(policy: str, model: str, num_blocks: int, plan, prompts) -> Run:
     d = deploy(f"bench-policy-{policy}", 4, engine, **POLICIES[policy])
     try:
         records = replay(f"127.0.0.1:{d.port}", plan, prompts)
-        views = ray.get(d.scheduler.list_instances.remote(), timeout=60)
+        views = d.scheduler.list_instances().result()
         preemptions = sum(v.status.load.num_preemptions_total for v in views if v.status is not None)
-        _, recent = ray.get(d.scheduler.list_migrations.remote(), timeout=60)
+        _, recent = d.scheduler.list_migrations().result()
         migrations = sum(r.state.value == "committed" for r in recent)
     finally:
         d.stop()

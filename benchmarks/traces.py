@@ -33,7 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-TRACE_DIR_ENV = "TIDAL_TRACE_DIR"
+from orchestrator.config import TRACE_DIR_ENV, trace_dir_override
+
 DEFAULT_TRACE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 _EPOCH = datetime(1970, 1, 1)
 
@@ -47,7 +48,7 @@ class TraceRequest:
 
 def trace_dir() -> Path:
     """Where the named traces live: $TIDAL_TRACE_DIR, or ../shared/data beside the repository."""
-    value = os.environ.get(TRACE_DIR_ENV)
+    value = trace_dir_override()
     return Path(value).expanduser() if value else DEFAULT_TRACE_DIR
 
 
@@ -157,6 +158,8 @@ def load_trace(name_or_path: str | os.PathLike, limit: int | None = None) -> lis
 # ----- fitting a trace to a small model ---------------------------------------------------------------------------
 
 def _quantile(values: list[int], q: float) -> float:
+    """Nearest rank, not `orchestrator.bench.stats.percentile`'s interpolation: the quantile is a length some
+    request really has, so after scaling that request fits its bound exactly."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 

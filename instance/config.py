@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from instance.limits import MAX_MODEL_LEN_CAP
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -25,7 +27,8 @@ class EngineConfig(BaseModel):
     kv_cache_gib: float = Field(1.0, gt=0, description="memory budget of the KV cache, in GiB")
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one engine step")
     max_num_seqs: int = Field(64, ge=1, description="most requests running at once")
-    max_model_len: int | None = Field(None, ge=2, description="prompt + output limit; default: the model's, capped at 8192")
+    max_model_len: int | None = Field(None, ge=2, description="prompt + output limit; default: the model's, "
+                                                              f"capped at {MAX_MODEL_LEN_CAP}")
     seed: int = Field(0, description="seed of tiny-llama's random weights and of unseeded requests' seeds")
     tiny_num_layers: int = Field(2, ge=1, description="tiny-llama only: decoder layers")
     tiny_hidden_size: int = Field(64, ge=8, description="tiny-llama only: hidden size")

@@ -19,6 +19,8 @@ import threading
 
 import grpc
 
+from instance.limits import MAX_MODEL_LEN_CAP
+from orchestrator.bench.report import format_table
 from orchestrator.config import DEFAULT_PORT, ConfigError, default_addr, load_config
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -38,7 +40,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--kv-cache-gib", type=float, help="KV-cache memory per instance in GiB (default 1.0)")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks per instance (overrides --kv-cache-gib)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
-    p.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's, at most 8192)")
+    p.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's, at most "
+                   f"{MAX_MODEL_LEN_CAP})")
     p.add_argument("--max-num-seqs", type=int, help="requests batched at once per instance (default 64)")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -186,12 +189,7 @@ def format_status(instances) -> str:
         role = admin_pb2.InstanceRole.Name(inst.role).removeprefix("INSTANCE_ROLE_").lower()
         rows.append((inst.instance_id, inst.node_ip or inst.node_id[:12], state, role, str(load.num_running),
                      str(load.num_waiting), f"{load.free_blocks}/{load.total_blocks}", f"{load.tokens_per_s:.0f}"))
-    return _table(rows)
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    return format_table(rows, right_align=False)
 
 
 def cmd_status(args) -> int:
@@ -231,7 +229,7 @@ def format_migrations(records) -> str:
         state = admin_pb2.MigrationState.Name(r.state).removeprefix("MIGRATION_STATE_").lower()
         rows.append((r.migration_id, r.request_id, r.src, r.dst, state, str(r.stages), str(r.blocks_copied),
                      f"{r.downtime_ms:.1f}", r.reason))
-    return _table(rows)
+    return format_table(rows, right_align=False)
 
 
 def _admin(args, method: str, request):

@@ -1,7 +1,8 @@
-"""Configuration of a Tidal deployment: one frozen pydantic model, read from a YAML/TOML file and flags.
+"""Configuration of a Tidal deployment: one frozen pydantic model with a section per part (`engine`,
+`migration`, `rebalance`, `pd`), read from a YAML/TOML file and flags.
 
-Environment variables are read here only, with the TIDAL_ prefix (TIDAL_ADDR: the default server address
-for the client commands).
+Environment variables are read here only, with the TIDAL_ prefix: TIDAL_ADDR (the default server address of
+the client commands) and TIDAL_TRACE_DIR (where benchmarks find request traces).
 """
 
 from __future__ import annotations
@@ -16,12 +17,43 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from instance.config import EngineConfig
 from migration.protocol import MigrationConfig
+from orchestrator.policies.migration import MigrationPolicyConfig
+from orchestrator.policies.pd import AdaptiveConfig
+from rpc import Deadlines
 
 DEFAULT_PORT = 50051
+TRACE_DIR_ENV = "TIDAL_TRACE_DIR"
 
 
 def default_addr() -> str:
     return os.environ.get("TIDAL_ADDR", f"127.0.0.1:{DEFAULT_PORT}")
+
+
+def trace_dir_override() -> str | None:
+    """Where request traces live if $TIDAL_TRACE_DIR says (else the benchmarks look beside the repository)."""
+    return os.environ.get(TRACE_DIR_ENV)
+
+
+class RebalanceConfig(MigrationPolicyConfig):
+    """The migration policy's settings, and when the reconcile loop runs it."""
+
+    auto: bool = Field(True, description="run the migration policy in the reconcile loop")
+    interval_s: float = Field(0.5, gt=0, description="how often the migration policy runs")
+
+
+class PdConfig(AdaptiveConfig):
+    """Prefill/decode roles that adapt to the load (the roles themselves: prefill_instances, decode_instances)."""
+
+    adaptive: bool = Field(False, description="move instances between prefill and decode by which is the "
+                                              "bottleneck")
+
+
+# settings that moved into a section, so an old config file gets a sentence that says where they went
+MOVED = {"auto_migrate": "rebalance.auto", "rebalance_interval_s": "rebalance.interval_s",
+         "migrate_choose": "rebalance.choose", "source_freeness": "rebalance.source_freeness",
+         "target_freeness": "rebalance.target_freeness", "migrate_request_cooldown_s": "rebalance.request_cooldown_s",
+         "migrate_waiting_offers": "rebalance.max_waiting_offers", "pd_adaptive": "pd.adaptive",
+         "pd_queue_high": "pd.queue_high", "pd_tpot_target_ms": "pd.tpot_target_ms", "pd_cooldown_s": "pd.cooldown_s"}
 
 
 class ServeConfig(BaseModel):
@@ -53,33 +85,22 @@ class ServeConfig(BaseModel):
     state_store: str | None = Field(None, description="where target state lives: ray (GCS KV, default) or "
                                                       "redis://host:port/db")
     migration: MigrationConfig = Field(default_factory=MigrationConfig)
-    auto_migrate: bool = Field(True, description="run the migration policy in the reconcile loop")
-    rebalance_interval_s: float = Field(0.5, gt=0, description="how often the migration policy runs")
-    migrate_choose: Literal["shortest", "longest", "lowest-priority", "newest"] = Field(
-        "shortest", description="which request the migration policy moves")
-    source_freeness: float = Field(8.0, description="below this freeness an instance gives work away")
-    target_freeness: float = Field(24.0, description="above this freeness an instance takes work")
-    migrate_request_cooldown_s: float = Field(10.0, ge=0, description="a request that rebalancing moved is not "
-                                              "moved again for this long")
-    migrate_waiting_offers: int = Field(4, ge=0, description="waiting requests (head first) a queued instance "
-                                        "offers before a running one; 0 moves running requests only")
+    rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
     drain_timeout_s: float = Field(300.0, gt=0, description="a drain gives up on what is left after this long")
     # prefill/decode disaggregation: the first P instances prefill, the next D decode, any others do both
     prefill_instances: int = Field(0, ge=0, le=256, description="instances that only prefill (hand over after "
                                                                 "the first token)")
     decode_instances: int = Field(0, ge=0, le=256, description="instances that take hand-overs and decode")
-    pd_adaptive: bool = Field(False, description="move instances between prefill and decode by which is the "
-                                                 "bottleneck")
-    pd_queue_high: float = Field(2.0, gt=0, description="adaptive: queued prompts per prefill instance that make "
-                                                        "prefill the bottleneck")
-    pd_tpot_target_ms: float = Field(0.0, ge=0, description="adaptive: decode step time that makes decode the "
-                                                            "bottleneck (0: not used)")
-    pd_cooldown_s: float = Field(10.0, ge=0, description="adaptive: at least this long between role changes")
+    pd: PdConfig = Field(default_factory=PdConfig)
 
     @model_validator(mode="before")
     @classmethod
     def _instances_from_roles(cls, data):
         """`--prefill-instances 2 --decode-instances 2` alone means 4 instances."""
+        if isinstance(data, dict):
+            moved = [f"{k} is now {MOVED[k]}" for k in data if k in MOVED]
+            if moved:
+                raise ValueError("settings moved into sections: " + "; ".join(moved))
         if isinstance(data, dict) and data.get("instances") is None:
             roles = int(data.get("prefill_instances") or 0) + int(data.get("decode_instances") or 0)
             if roles:
@@ -102,6 +123,13 @@ class ServeConfig(BaseModel):
         return "both"
 
     @property
+    def deadlines(self) -> Deadlines:
+        """How long each kind of call between the deployment's processes may take."""
+        m = self.migration
+        return Deadlines(call_s=self.call_timeout_s, startup_s=self.startup_timeout_s, migration_s=m.deadline_s(),
+                         handoff_s=m.deadline_s(handoff=True), drain_work_s=self.drain_timeout_s)
+
+    @property
     def gpus_per_instance(self) -> float:
         if self.num_gpus_per_instance is not None:
             return self.num_gpus_per_instance
@@ -109,6 +137,9 @@ class ServeConfig(BaseModel):
 
     def actor_name(self, role: str) -> str:
         return f"{self.deployment}-{role}"
+
+
+FLAG_SECTIONS = {"pd_adaptive": ("pd", "adaptive")}     # `tidal serve` flags whose setting lives in a section
 
 
 class ConfigError(ValueError):
@@ -135,6 +166,9 @@ def load_config(path: str | os.PathLike | None, overrides: dict) -> ServeConfig:
             continue
         if key in EngineConfig.model_fields:
             engine[key] = value
+        elif key in FLAG_SECTIONS:
+            section, field = FLAG_SECTIONS[key]
+            data[section] = {**(data.get(section) or {}), field: value}
         else:
             data[key] = value
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from instance.config import EngineConfig
+from instance.limits import MAX_MODEL_LEN_CAP
 from instance.model.llama import LlamaModel, ModelArch, rope_tables
 from instance.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer_from_gguf, load_tokenizer_from_hf_dir
 
@@ -91,7 +92,7 @@ def _build(arch: ModelArch, config: EngineConfig, dtype: torch.dtype) -> LlamaMo
     """An uninitialised model on the target device (weights are filled in by the caller)."""
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {config.device!r} asked for but torch sees no CUDA device; use --device cpu")
-    max_positions = max(config.max_model_len or 0, min(arch.max_position_embeddings, 8192)) + 1
+    max_positions = max(config.max_model_len or 0, min(arch.max_position_embeddings, MAX_MODEL_LEN_CAP)) + 1
     with torch.device("meta"):
         model = LlamaModel(arch, max_positions=1)
     model = model.to_empty(device=config.device).to(dtype)

@@ -62,10 +62,12 @@ def write_results(path: str | Path, records: list[RequestRecord], slo: Slo, run:
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def format_table(rows: list[tuple[str, ...]], right_align: bool = True) -> str:
+    """Rows of cells as aligned columns, two spaces apart: the first column left-aligned, the others
+    right-aligned (numbers) unless `right_align` is False. The one table printer of `tidal` and its reports."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-                     for r in rows)
+    return "\n".join("  ".join(c.rjust(w) if i and right_align else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
 
 
 def _cells(d: Distribution | None) -> tuple[str, ...]:
@@ -82,7 +84,7 @@ def format_report(records: list[RequestRecord], slo: Slo, title: str, failures_s
     rows = [("LATENCY (ms)", "COUNT", "MEAN", "P50", "P90", "P99", "MAX")]
     for name, d in (("TTFT", s.ttft), ("TPOT", s.tpot), ("ITL", s.itl), ("E2E", s.e2e), ("send lag", s.send_lag)):
         rows.append((name, *_cells(d)))
-    lines.append(_table(rows))
+    lines.append(format_table(rows))
 
     classes = summarize_by_priority(records, slo)
     if len(classes) > 1:
@@ -91,7 +93,7 @@ def format_report(records: list[RequestRecord], slo: Slo, title: str, failures_s
             pick = [(d.p50, d.p99) if d else (math.nan, math.nan) for d in (c.ttft, c.tpot)]
             rows.append((str(p), str(c.requests), str(c.completed), *(f"{v:.1f}" for pair in pick for v in pair),
                          f"{c.e2e.p99:.1f}" if c.e2e else "-", f"{c.goodput:.2f}"))
-        lines += ["", _table(rows)]
+        lines += ["", format_table(rows)]
 
     if s.failed:
         lines += ["", "not OK: " + ", ".join(f"{code} {n}" for code, n in sorted(s.failed.items()))]

@@ -17,6 +17,7 @@ Definitions (times in seconds on one monotonic clock; the tables and files show 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -100,6 +101,12 @@ def meets_slo(r: RequestRecord, slo: Slo) -> bool:
 
 
 # ----- distributions ----------------------------------------------------------------------------------------------
+
+def median(values) -> float:
+    """The median of the values that are numbers (None and nan left out); nan if there are none."""
+    numbers = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(numbers) if numbers else math.nan
+
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100), linear between the nearest ranks, as numpy.percentile's default."""

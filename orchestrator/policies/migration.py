@@ -30,32 +30,49 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from instance.backend import LoadSnapshot, RequestInfo
+from instance.kv_cache import blocks_for
 from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM, Candidate, freeness
 
 MOVE_CHOICES = ("shortest", "longest", "lowest-priority", "newest")
 
 
-@dataclass(frozen=True)
-class MigrationPolicyConfig:
-    source_freeness: float = 8.0       # below this freeness an instance gives work away ...
-    target_freeness: float = 24.0      # ... above this (and with an empty queue) it takes work
-    choose: str = "shortest"           # which request moves; one of MOVE_CHOICES
-    min_remaining_tokens: int = 16     # a request this close to max_tokens finishes where it is
-    max_moves: int = 2                 # moves per round
-    cooldown_s: float = 1.0            # an instance takes part in no move for this long after its last one
-    request_cooldown_s: float = 10.0   # a request that rebalancing moved is not moved again for this long
-    headroom_blocks: int = 4           # free blocks a destination keeps after taking a request
-    max_waiting_offers: int = 4        # waiting requests (head first) a queued source offers before a running one
-    high_priority_headroom: float = HIGH_PRIORITY_HEADROOM  # share of capacity set aside per high-priority request
+class MigrationPolicyConfig(BaseModel):
+    """The rebalancing policy's settings (the `rebalance:` section of a deployment's config)."""
 
-    def __post_init__(self) -> None:
-        if self.choose not in MOVE_CHOICES:
-            raise ValueError(f"migrate_choose: unknown choice {self.choose!r}; "
-                             f"choose one of {', '.join(MOVE_CHOICES)}")
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source_freeness: float = Field(8.0, description="below this freeness an instance gives work away ...")
+    target_freeness: float = Field(24.0, description="... above this (and with an empty queue) it takes work")
+    choose: str = Field("shortest", description="which request moves: " + " | ".join(MOVE_CHOICES))
+    min_remaining_tokens: int = Field(16, ge=0, description="a request this close to max_tokens finishes where "
+                                      "it is")
+    max_moves: int = Field(2, ge=1, description="moves per round")
+    cooldown_s: float = Field(1.0, ge=0, description="an instance takes part in no move for this long after its "
+                              "last one")
+    request_cooldown_s: float = Field(10.0, ge=0, description="a request that rebalancing moved is not moved "
+                                      "again for this long")
+    headroom_blocks: int = Field(4, ge=0, description="free blocks a destination keeps after taking a request")
+    max_waiting_offers: int = Field(4, ge=0, description="waiting requests (head first) a queued source offers "
+                                    "before a running one; 0 moves running requests only")
+    high_priority_headroom: float = Field(HIGH_PRIORITY_HEADROOM, ge=0, description="share of capacity set aside "
+                                          "per high-priority request")
+
+    @field_validator("choose")
+    @classmethod
+    def _known_choice(cls, choose: str) -> str:
+        if choose not in MOVE_CHOICES:
+            raise ValueError(f"unknown choice {choose!r}; choose one of {', '.join(MOVE_CHOICES)}")
+        return choose
+
+    @model_validator(mode="after")
+    def _thresholds_apart(self) -> "MigrationPolicyConfig":
         if self.source_freeness >= self.target_freeness:
             raise ValueError(f"source_freeness ({self.source_freeness:g}) must be below target_freeness "
                              f"({self.target_freeness:g}), or an instance could give and take work at once")
+        return self
 
 
 @dataclass(frozen=True)
@@ -78,7 +95,7 @@ class PlannedMove:
 
 
 def blocks_of(request: RequestInfo, block_size: int) -> int:
-    return math.ceil(request.num_tokens / block_size)
+    return blocks_for(request.num_tokens, block_size)
 
 
 def _free(inst: InstanceState, cfg: MigrationPolicyConfig, headroom: bool = True) -> float:

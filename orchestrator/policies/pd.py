@@ -15,6 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from instance.kv_cache import blocks_for
 from orchestrator.policies.dispatch import Candidate, freeness
 from orchestrator.policies.migration import InstanceState, PlannedMove
 
@@ -47,10 +50,6 @@ class HandoffConfig:
     batch_slots: int | None = None  # requests a decode instance runs at once (max_num_seqs); None: unbounded
 
 
-def _blocks(tokens: int, block_size: int) -> int:
-    return math.ceil(tokens / block_size)
-
-
 def plan_handoffs(prefill: list[InstanceState], decode: list[InstanceState], in_flight: set[str],
                   cfg: HandoffConfig) -> list[PlannedMove]:
     """Hand-overs from prefill instances to decode instances.
@@ -75,7 +74,7 @@ def plan_handoffs(prefill: list[InstanceState], decode: list[InstanceState], in_
                 break
             if req.status != "running" or req.request_id in in_flight or req.num_output_tokens >= req.max_tokens:
                 continue
-            need = _blocks(max(req.num_tokens, req.num_prompt_tokens + 1), src.load.block_size)
+            need = blocks_for(max(req.num_tokens, req.num_prompt_tokens + 1), src.load.block_size)
             fits = [d for d in decode if d.instance_id != src.instance_id
                     and room[d.instance_id] - need >= cfg.headroom_blocks and slots[d.instance_id] >= 1
                     and incoming[d.instance_id] < cfg.max_per_destination]
@@ -106,7 +105,7 @@ def plan_prompt_returns(decode: list[InstanceState], prefill: list[InstanceState
             if (req.status != "waiting" or req.num_output_tokens > 0 or req.num_computed_tokens > 0
                     or req.request_id in in_flight):
                 continue
-            need = _blocks(req.num_prompt_tokens + 1, src.load.block_size)
+            need = blocks_for(req.num_prompt_tokens + 1, src.load.block_size)
             fits = [p for p in prefill if p.instance_id != src.instance_id and room[p.instance_id] - need >= 0]
             if not fits:
                 continue
@@ -120,12 +119,17 @@ def plan_prompt_returns(decode: list[InstanceState], prefill: list[InstanceState
 
 # ----- adaptive roles ------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class AdaptiveConfig:
-    queue_high: float = 2.0          # waiting prompts per prefill instance that make prefill the bottleneck
-    tpot_target_ms: float = 0.0      # decode step time above which decode is the bottleneck (0: not used)
-    decode_freeness_low: float = 8.0  # ... or a decode instance's freeness below this
-    cooldown_s: float = 10.0         # at most one role change per this long
+class AdaptiveConfig(BaseModel):
+    """When an instance changes role (`pd:` section of a deployment's config, behind `pd.adaptive`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    queue_high: float = Field(2.0, gt=0, description="waiting prompts per prefill instance that make prefill the "
+                              "bottleneck")
+    tpot_target_ms: float = Field(0.0, ge=0, description="decode step time above which decode is the bottleneck "
+                                  "(0: not used)")
+    decode_freeness_low: float = Field(8.0, description="... or a decode instance's freeness below this")
+    cooldown_s: float = Field(10.0, ge=0, description="at least this long between role changes")
 
 
 @dataclass(frozen=True)

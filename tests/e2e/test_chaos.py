@@ -8,10 +8,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import ray
 
 from instance.engine import Engine
 from instance.sampling import SamplingParams
+from rpc import RemoteError
 from tests.e2e.helpers import TINY, deployment, request, tokens_of
 from tidal.v1 import generation_pb2
 
@@ -40,7 +40,7 @@ def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
         [c["prompt"]], SamplingParams(max_tokens=c["max_tokens"], temperature=c.get("temperature", 0.0),
                                       top_k=c.get("top_k", 0), seed=c.get("seed"), ignore_eos=True))[0].new_token_ids
         for c in cases}
-    with deployment("e2e-chaos", instances=3, restart_dead_instances=True, auto_migrate=True,
+    with deployment("e2e-chaos", instances=3, restart_dead_instances=True, rebalance=dict(auto=True),
                     request_retries=5) as c:
         done = threading.Event()
         enough = threading.Event()             # MIN_KILLS kills have happened
@@ -57,19 +57,19 @@ def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
                 if finished[0] < next_at:
                     continue
                 try:
-                    views = [v for v in ray.get(c.deployment.scheduler.list_instances.remote(), timeout=60)
+                    views = [v for v in c.deployment.scheduler.list_instances().result()
                              if v.state == "serving"]
-                except ray.exceptions.RayError:
+                except RemoteError:
                     continue                  # the scheduler is restarting from the last kill
                 what = rng.choice(["ray.kill", "sigkill", "scheduler"])
                 if what == "scheduler":
-                    ray.kill(c.deployment.scheduler, no_restart=False)
+                    c.deployment.scheduler.kill(restart=True)
                 elif len(views) >= 2:
                     victim = rng.choice(views)
                     if what == "sigkill":
                         os.kill(victim.info.pid, signal.SIGKILL)
                     else:
-                        ray.kill(victim.actor)
+                        victim.client.kill()
                 else:
                     continue                  # a killed instance is still restarting: try again shortly
                 kills.append(what)
@@ -115,10 +115,10 @@ def test_random_kills_of_instances_and_the_scheduler_lose_no_request(ray_local):
             assert time.monotonic() < deadline, f"blocks still held on live instances: {statuses}"
             time.sleep(0.2)
             try:      # the scheduler (or an instance) may still be restarting from the last kill
-                views = ray.get(c.deployment.scheduler.list_instances.remote(), timeout=60)
+                views = c.deployment.scheduler.list_instances().result()
                 live = [v for v in views if v.state == "serving"]
-                statuses = ray.get([v.actor.get_status.remote() for v in live], timeout=60)
-            except ray.exceptions.RayError:
+                statuses = [v.client.get_status().result() for v in live]
+            except RemoteError:
                 continue
             if live and all(s.load.free_blocks == s.load.total_blocks and s.num_requests == 0 for s in statuses):
                 break

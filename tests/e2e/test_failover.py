@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-import ray
 
 from instance.engine import Engine
 from instance.sampling import SamplingParams
@@ -41,7 +40,7 @@ def expected_tokens(reference: Engine, case: dict) -> tuple[list[int], list[floa
 
 
 def views(c):
-    return {v.instance_id: v for v in ray.get(c.deployment.scheduler.list_instances.remote())}
+    return {v.instance_id: v for v in c.deployment.scheduler.list_instances().result()}
 
 
 def wait_state(c, iid: str, state: str, timeout: float = 60.0) -> None:
@@ -80,10 +79,9 @@ def run_with_kill(c, reference, kill) -> None:
 
 
 def test_instance_failures_resume_every_stream_identically(ray_local, reference):
-    with deployment("e2e-fo", restart_dead_instances=True, auto_migrate=False) as c:
+    with deployment("e2e-fo", restart_dead_instances=True, rebalance=dict(auto=False)) as c:
         # 1. ray.kill of an instance actor
-        victim = views(c)["instance-0"].actor
-        run_with_kill(c, reference, lambda: ray.kill(victim))
+        run_with_kill(c, reference, views(c)["instance-0"].client.kill)
         wait_state(c, "instance-0", "serving")            # --restart-dead-instances brought it back
         c.wait_all_blocks_free()
 
@@ -95,11 +93,11 @@ def test_instance_failures_resume_every_stream_identically(ray_local, reference)
 
 
 def test_with_no_instance_left_streams_end_unavailable_after_their_partial_tokens(ray_local):
-    with deployment("e2e-fo-none", auto_migrate=False) as c:
+    with deployment("e2e-fo-none", rebalance=dict(auto=False)) as c:
         stream = c.gen.Generate(request(prompt="doomed", max_tokens=N_TOKENS, ignore_eos=True), timeout=60)
         got = [next(stream) for _ in range(3)]
         for v in views(c).values():
-            ray.kill(v.actor)
+            v.client.kill()
         with pytest.raises(grpc.RpcError) as err:
             for chunk in stream:
                 got.append(chunk)
@@ -109,17 +107,17 @@ def test_with_no_instance_left_streams_end_unavailable_after_their_partial_token
 
 
 def test_a_dead_frontends_requests_are_aborted_and_their_blocks_freed(ray_local):
-    with deployment("e2e-fo-fe", auto_migrate=False) as c:
+    with deployment("e2e-fo-fe", rebalance=dict(auto=False)) as c:
         streams = [c.gen.Generate(request(prompt=f"orphan {i}", max_tokens=1000, ignore_eos=True), timeout=60)
                    for i in range(4)]
         for s in streams:
             next(s)
-        instances = [v.actor for v in views(c).values()]
-        ray.kill(c.deployment.frontend)
+        instances = [v.client for v in views(c).values()]
+        c.deployment.frontend.kill()
         c.deployment.frontend = None                      # it is gone; teardown must not wait for it
         deadline = time.monotonic() + 15
         while True:
-            statuses = ray.get([a.get_status.remote() for a in instances])
+            statuses = [a.get_status().result() for a in instances]
             if all(s.num_requests == 0 and s.load.free_blocks == s.load.total_blocks for s in statuses):
                 break
             assert time.monotonic() < deadline, f"requests of the dead frontend still held: {statuses}"

@@ -16,7 +16,7 @@ LONG = 1000   # tokens per request: seconds of decoding on tiny-llama, so comman
 
 @pytest.fixture(scope="module")
 def client(ray_local):
-    with deployment("e2e-mig", engine=dict(max_num_seqs=8), auto_migrate=False) as c:
+    with deployment("e2e-mig", engine=dict(max_num_seqs=8), rebalance=dict(auto=False)) as c:
         yield c
 
 
@@ -135,8 +135,7 @@ def test_admin_commands_in_the_wrong_state_or_with_unknown_ids(client):
 
 def test_rebalance_reports_moves_when_one_instance_is_overloaded(ray_local, reference):
     # a small KV cache so a few long requests push an instance's freeness under the source threshold
-    with deployment("e2e-rebal", engine=dict(num_blocks=96, max_model_len=1024), auto_migrate=False,
-                    source_freeness=8.0, target_freeness=20.0) as c:
+    with deployment("e2e-rebal", engine=dict(num_blocks=96, max_model_len=1024), rebalance=dict(auto=False, source_freeness=8.0, target_freeness=20.0)) as c:
         drain(c, "instance-1")
         streams = [c.gen.Generate(request(prompt=f"load {i}", max_tokens=LONG, ignore_eos=True), timeout=120)
                    for i in range(4)]
@@ -153,8 +152,7 @@ def test_rebalance_reports_moves_when_one_instance_is_overloaded(ray_local, refe
 
 
 def test_the_reconcile_loop_moves_work_off_an_overloaded_instance_by_itself(ray_local):
-    with deployment("e2e-auto", engine=dict(num_blocks=96, max_model_len=1024), auto_migrate=True,
-                    rebalance_interval_s=0.2, source_freeness=8.0, target_freeness=20.0) as c:
+    with deployment("e2e-auto", engine=dict(num_blocks=96, max_model_len=1024), rebalance=dict(auto=True, interval_s=0.2, source_freeness=8.0, target_freeness=20.0)) as c:
         drain(c, "instance-1")
         streams = [c.gen.Generate(request(prompt=f"auto {i}", max_tokens=LONG, ignore_eos=True), timeout=120)
                    for i in range(4)]
@@ -175,7 +173,7 @@ def test_the_reconcile_loop_moves_work_off_an_overloaded_instance_by_itself(ray_
 
 def test_rebalance_moves_a_queued_request_to_an_idle_instance_where_it_starts_at_once(ray_local):
     # one batch slot per instance: the second request queues on instance-0 while instance-1 is drained
-    with deployment("e2e-queued", engine=dict(max_num_seqs=1), auto_migrate=False) as c:
+    with deployment("e2e-queued", engine=dict(max_num_seqs=1), rebalance=dict(auto=False)) as c:
         drain(c, "instance-1")
         first = c.gen.Generate(request(prompt="runs", max_tokens=LONG, ignore_eos=True, request_id="runs"),
                                timeout=120)

@@ -4,7 +4,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import ray
 
 from instance.engine import Engine
 from instance.sampling import SamplingParams
@@ -145,9 +144,9 @@ def test_set_role_errors_are_clear(ray_local):
 
 def test_with_every_decode_instance_dead_prefill_instances_decode(ray_local, reference):
     with deployment("e2e-pd-dead", prefill_instances=1, decode_instances=1) as c:
-        victim = {v.instance_id: v for v in ray.get(c.deployment.scheduler.list_instances.remote())}["instance-1"]
+        victim = {v.instance_id: v for v in c.deployment.scheduler.list_instances().result()}["instance-1"]
         todo = cases(6, "dead")
-        check(reference, todo, run_all(c, todo, during=lambda: ray.kill(victim.actor)))
+        check(reference, todo, run_all(c, todo, during=victim.client.kill))
         # later requests are served by the prefill instance from start to end
         todo = cases(3, "alone")
         results = run_all(c, todo)

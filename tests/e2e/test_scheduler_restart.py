@@ -5,8 +5,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import ray
 
+from rpc import ActorDead
 from tests.e2e.helpers import deployment, tokens_of
 from tests.redis_server import RedisServer
 from tidal.v1 import admin_pb2, generation_pb2
@@ -14,7 +14,7 @@ from tidal.v1 import admin_pb2, generation_pb2
 
 def table(c) -> dict[str, tuple[str, str]]:
     return {v.instance_id: (v.state, v.role)
-            for v in ray.get(c.deployment.scheduler.list_instances.remote(), timeout=60)}
+            for v in c.deployment.scheduler.list_instances().result()}
 
 
 @pytest.mark.parametrize("store", ["ray", "redis"])
@@ -24,7 +24,7 @@ def test_killing_the_scheduler_under_load_keeps_serving_and_it_comes_back_with_i
     if redis:
         redis.start()
     try:
-        with deployment(f"e2e-sched-{store}", instances=3, auto_migrate=False,
+        with deployment(f"e2e-sched-{store}", instances=3, rebalance=dict(auto=False),
                         state_store=redis.url if redis else None) as c:
             c.admin.DrainInstance(admin_pb2.DrainInstanceRequest(instance_id="instance-2"), timeout=60)
             c.admin.SetRole(admin_pb2.SetRoleRequest(instance_id="instance-1", role=admin_pb2.INSTANCE_ROLE_DECODE),
@@ -36,7 +36,7 @@ def test_killing_the_scheduler_under_load_keeps_serving_and_it_comes_back_with_i
                 futures = [pool.submit(c.generate, timeout=120, prompt=f"under load {i}", max_tokens=400,
                                        ignore_eos=True) for i in range(3)]
                 time.sleep(0.5)
-                ray.kill(c.deployment.scheduler, no_restart=False)        # Ray restarts it (max_restarts=-1)
+                c.deployment.scheduler.kill(restart=True)        # Ray restarts it (max_restarts=-1)
                 # while it is down or restarting, new requests are still dispatched on the last table
                 futures += [pool.submit(c.generate, timeout=120, prompt=f"during restart {i}", max_tokens=50,
                                         ignore_eos=True) for i in range(3)]
@@ -52,7 +52,7 @@ def test_killing_the_scheduler_under_load_keeps_serving_and_it_comes_back_with_i
                 time.sleep(0.2)
                 try:
                     after = table(c)
-                except ray.exceptions.RayActorError:
+                except ActorDead:
                     pass
             # the frontend registered again: admin commands and fresh loads flow through the new scheduler
             deadline = time.monotonic() + 30

@@ -142,7 +142,7 @@ def test_overload_is_resource_exhausted_and_shutdown_is_graceful(ray_local):
     # one running slot and one queue place per instance: the fifth concurrent request finds every queue full
     # 4000-token requests keep every slot and queue place taken for the whole test, even on a fast machine
     with deployment("e2e-small", engine=dict(max_num_seqs=1, max_model_len=4096), max_queue_per_instance=1,
-                    auto_migrate=False) as c:
+                    rebalance=dict(auto=False)) as c:
         streams = [_long_stream(c, max_tokens=4000) for _ in range(4)]
         for iid in ("instance-0", "instance-1"):
             c.wait_for_load(iid, lambda load: load.num_running == 1 and load.num_waiting == 1)
@@ -152,7 +152,7 @@ def test_overload_is_resource_exhausted_and_shutdown_is_graceful(ray_local):
 
         # graceful shutdown: health flips to NOT_SERVING at once; what is still running is aborted after grace
         health = health_pb2_grpc.HealthStub(c.channel)
-        shutdown = c.deployment.frontend.shutdown.remote(0.5)
+        shutdown = c.deployment.frontend.shutdown(0.5)
         time.sleep(0.2)
         status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -163,7 +163,7 @@ def test_overload_is_resource_exhausted_and_shutdown_is_graceful(ray_local):
             with pytest.raises(grpc.RpcError) as err:
                 list(s)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert ray_local.get(shutdown, timeout=30) == 4
-        views = ray_local.get(c.deployment.scheduler.list_instances.remote())
-        loads = ray_local.get([v.actor.get_status.remote() for v in views])
+        assert shutdown.result() == 4
+        views = c.deployment.scheduler.list_instances().result()
+        loads = [v.client.get_status().result() for v in views]
         assert all(s.load.free_blocks == s.load.total_blocks and s.num_requests == 0 for s in loads)

@@ -27,11 +27,11 @@ def main() -> int:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="two-node", logging_level=logging.WARNING, log_to_driver=False)
     cfg = ServeConfig(engine=EngineConfig(**TINY), instances=2, host="127.0.0.1", port=0, deployment="two-node",
-                      namespace="two-node", auto_migrate=False, ray_address=cluster.address)
+                      namespace="two-node", rebalance=dict(auto=False), ray_address=cluster.address)
     d = Deployment(cfg)
     try:
         port = d.start()
-        views = {v.instance_id: v for v in ray.get(d.scheduler.list_instances.remote())}
+        views = {v.instance_id: v for v in d.scheduler.list_instances().result()}
         nodes = {iid: v.info.node_id for iid, v in views.items()}
         worker_ids = {w.node_id for w in workers}
         assert set(nodes.values()) == worker_ids, f"instances not spread over the two worker nodes: {nodes}"
