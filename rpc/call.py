@@ -96,6 +96,24 @@ class Call(Generic[T]):
         return Rejected(self._target, self._method, cause if cause is not None else e)
 
 
+class ActorClient:
+    """What the three clients share: their actor's handle (None: an actor known to be gone), the deadlines
+    their calls run under, and how a call is sent. Subclasses are frozen dataclasses naming their target."""
+
+    actor: Any
+    deadlines: Deadlines
+
+    @property
+    def target(self) -> str:
+        raise NotImplementedError
+
+    def _call(self, method: str, *args, timeout_s: float | None = None) -> Call:
+        return call(self.actor, self.target, method, timeout_s or self.deadlines.call_s, *args)
+
+    def kill(self) -> None:
+        kill_actor(self.actor)
+
+
 def call(actor: Any, target: str, method: str, timeout_s: float, *args) -> Call:
     """Send one call (the only `.remote()` on a method of Tidal's actors in the tree). ActorDead at once for
     the client of an actor known to be gone (no handle)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rpc.call import Call, Deadlines, call, current_actor, kill_actor, send
+from rpc.call import ActorClient, Call, Deadlines, current_actor, send
 
 if TYPE_CHECKING:
     from instance.messages import TokenChunk
@@ -16,10 +16,14 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class FrontendClient:
+class FrontendClient(ActorClient):
     name: str
     actor: Any
     deadlines: Deadlines = Deadlines()
+
+    @property
+    def target(self) -> str:
+        return self.name
 
     @classmethod
     def create(cls, name: str, config: dict, deadlines: Deadlines, *, actor_name: str, namespace: str,
@@ -39,12 +43,6 @@ class FrontendClient:
     def current(cls, name: str, deadlines: Deadlines) -> "FrontendClient":
         """The client of the frontend actor this code runs in (what it hands to instances as a sink)."""
         return cls(name, current_actor(), deadlines)
-
-    def kill(self) -> None:
-        kill_actor(self.actor)
-
-    def _call(self, method: str, *args, timeout_s: float | None = None) -> Call:
-        return call(self.actor, self.name, method, timeout_s or self.deadlines.call_s, *args)
 
     # ----- lifecycle (the deployment) ------------------------------------------------------------------------
     def start(self, scheduler: "SchedulerClient") -> Call[int]:

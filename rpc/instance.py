@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from migration.protocol import MigrationAborted, MigrationState
-from rpc.call import ActorDead, ActorTimeout, Call, Deadlines, Rejected, call, current_actor, find_actor, kill_actor
+from rpc.call import ActorClient, ActorDead, ActorTimeout, Call, Deadlines, Rejected, current_actor, find_actor
 
 if TYPE_CHECKING:
     from instance.backend import RequestInfo
@@ -17,10 +17,16 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class InstanceClient:
+class InstanceClient(ActorClient):
+    """Calls on one instance; `actor` None is an instance known to be gone (every call raises ActorDead)."""
+
     instance_id: str
     actor: Any
     deadlines: Deadlines = Deadlines()
+
+    @property
+    def target(self) -> str:
+        return self.instance_id
 
     # ----- create / find / kill ------------------------------------------------------------------------------
     @classmethod
@@ -54,14 +60,8 @@ class InstanceClient:
         """The client of the instance actor this code runs in (what it hands to frontends)."""
         return cls(instance_id, current_actor(), deadlines)
 
-    def kill(self) -> None:
-        kill_actor(self.actor)
-
     def with_call_deadline(self, seconds: float) -> "InstanceClient":
         return replace(self, deadlines=replace(self.deadlines, call_s=seconds))
-
-    def _call(self, method: str, *args, timeout_s: float | None = None) -> Call:
-        return call(self.actor, self.instance_id, method, timeout_s or self.deadlines.call_s, *args)
 
     # ----- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> "Call[InstanceInfo]":

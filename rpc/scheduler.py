@@ -7,19 +7,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rpc.call import Call, Deadlines, call, find_actor, kill_actor
+from rpc.call import ActorClient, Call, Deadlines, find_actor, kill_actor
 
 if TYPE_CHECKING:
     from migration.protocol import MigrationRecord
     from rpc.frontend import FrontendClient
 
-TARGET = "the scheduler"
-
-
 @dataclass(frozen=True)
-class SchedulerClient:
+class SchedulerClient(ActorClient):
     actor: Any
     deadlines: Deadlines = Deadlines()
+
+    @property
+    def target(self) -> str:
+        return "the scheduler"
 
     @classmethod
     def create(cls, config: dict, deadlines: Deadlines, *, actor_name: str, namespace: str,
@@ -44,9 +45,6 @@ class SchedulerClient:
     def kill(self, restart: bool = False) -> None:
         """Kill the scheduler; with `restart`, as a crash would: Ray starts it again under the same name."""
         kill_actor(self.actor, restart)
-
-    def _call(self, method: str, *args, timeout_s: float | None = None) -> Call:
-        return call(self.actor, TARGET, method, timeout_s or self.deadlines.call_s, *args)
 
     # ----- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> Call[list]:

@@ -172,12 +172,18 @@ def scheduler(store=None, factory=None, clock=None, **kw) -> tuple[GlobalSchedul
     return sched, factory, store
 
 
+async def started(**kw) -> tuple[GlobalScheduler, FakeInstances, MemoryStore, FakeFrontend]:
+    """A started scheduler with one registered frontend."""
+    sched, factory, store = scheduler(**kw)
+    await sched.start()
+    fe = FakeFrontend()
+    await sched.register_frontend("fe", fe)
+    return sched, factory, store, fe
+
+
 def test_a_dead_instance_is_fenced_and_frontends_see_it_dead():
     async def scenario():
-        sched, factory, _ = scheduler()
-        await sched.start()
-        fe = FakeFrontend()
-        await sched.register_frontend("fe", fe)
+        sched, factory, _, fe = await started()
         await rounds(sched)
         assert fe.states() == {"instance-0": SERVING, "instance-1": SERVING}
         factory.alive["instance-1"].poll = "dead"
@@ -211,10 +217,7 @@ def test_an_instance_without_a_status_for_instance_timeout_is_declared_dead(poll
 
 def test_a_drain_moves_every_request_stores_the_intent_and_tells_frontends_first():
     async def scenario():
-        sched, factory, store = scheduler()
-        await sched.start()
-        fe = FakeFrontend()
-        await sched.register_frontend("fe", fe)
+        sched, factory, store, fe = await started()
         src = factory.alive["instance-0"]
         for i in range(3):
             src.requests[f"r{i}"] = running(f"r{i}")
@@ -273,10 +276,7 @@ def test_a_store_outage_pauses_writes_of_intent_and_they_catch_up():
 
 def test_a_failing_step_does_not_stop_the_others_and_background_failures_are_logged(caplog):
     async def scenario():
-        sched, factory, _ = scheduler(rebalance=dict(auto=True, interval_s=0.01))
-        await sched.start()
-        fe = FakeFrontend()
-        await sched.register_frontend("fe", fe)
+        sched, factory, _, fe = await started(rebalance=dict(auto=True, interval_s=0.01))
 
         def broken():
             raise RuntimeError("policy bug")
