@@ -27,7 +27,8 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one engine step")
     max_num_seqs: int = Field(64, ge=1, description="most requests running at once")
     max_model_len: int | None = Field(None, ge=2, description="prompt + output limit; default: the model's, capped at 8192")
-    seed: int = Field(0, description="seed of tiny-llama's random weights and of unseeded requests' seeds")
+    seed: int = Field(0, description="seed of tiny-llama's / tiny-moe's random weights, of upcycled "
+                                          "routers and of unseeded requests' seeds")
     tiny_num_layers: int | None = Field(None, ge=1, description="tiny-llama / tiny-moe only: decoder layers "
                                                                 "(default 2 / 4)")
     tiny_hidden_size: int = Field(64, ge=8, description="tiny-llama / tiny-moe only: hidden size")

@@ -42,7 +42,7 @@ class Routing:
     ids: torch.Tensor
     weights: torch.Tensor
     num_experts: int
-    _groups: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    _groups: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False, compare=False)
 
     def groups(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """expert id -> (rows, slots): the tokens routed to it in ascending row order, and which of their k

@@ -213,6 +213,10 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def moe_blocks(self) -> dict[int, SparseMoE]:
+        """layer index -> its sparse MoE block (where expert placement is set); empty for a dense model."""
+        return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, SparseMoE)}
+
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named Llama weights (q/k/v and gate/up are fused here). Consumes the dict.
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from instance.model.experts import LocalExperts, ShardedExperts, split
+from instance.model.experts import LocalExperts, Routing, ShardedExperts, split
 from instance.model.moe import MoEArch, SparseMoE, route
 
 HIDDEN = 32
@@ -85,9 +85,7 @@ def test_block_matches_the_token_by_token_reference(name, moe):
 
 
 def test_routing_groups_list_each_experts_rows_in_batch_order():
-    ids = torch.tensor([[3, 0], [0, 2], [3, 1], [2, 3]])
-    routing = route(torch.zeros(4, 4), 2, True)           # only to build a Routing; replace its ids
-    routing.ids, routing._groups = ids, None
+    routing = Routing(ids=torch.tensor([[3, 0], [0, 2], [3, 1], [2, 3]]), weights=torch.ones(4, 2), num_experts=5)
     groups = {e: (rows.tolist(), slots.tolist()) for e, (rows, slots) in routing.groups().items()}
     assert groups == {0: ([0, 1], [1, 0]), 1: ([2], [1]), 2: ([1, 3], [1, 0]), 3: ([0, 2, 3], [0, 0, 1])}
     assert list(groups) == [0, 1, 2, 3]

@@ -37,15 +37,16 @@ def tokens(outs) -> list[list[int]]:
 
 
 def moe_blocks(engine: Engine) -> list[SparseMoE]:
-    return [layer.mlp for layer in engine.runner.model.layers]
+    return list(engine.runner.model.moe_blocks().values())
 
 
 def test_tiny_moe_is_a_four_layer_mixtral_style_model(engine):
     arch = engine.arch
     assert arch.num_layers == 4 and arch.hidden_size == 64
     assert (arch.moe.num_experts, arch.moe.top_k, arch.moe.norm_topk_prob) == (8, 2, True)
-    assert all(isinstance(b, SparseMoE) for b in moe_blocks(engine))
-    assert Engine(model="tiny-llama", num_blocks=64, max_model_len=128).arch.moe is None
+    assert list(engine.runner.model.moe_blocks()) == [0, 1, 2, 3]
+    dense = Engine(model="tiny-llama", num_blocks=64, max_model_len=128)
+    assert dense.arch.moe is None and dense.runner.model.moe_blocks() == {}
 
 
 def test_batched_chunked_and_preempted_generation_give_each_requests_own_tokens(engine):
