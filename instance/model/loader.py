@@ -36,8 +36,9 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe",
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SMOLLM2_MOE_EXPERTS = 4
 # Router weights of the seeded models are drawn with this standard deviation times 1/sqrt(hidden): the router's
-# input is RMS-normalised (norm sqrt(hidden)), so the logits have about this standard deviation and the gaps
-# between the k-th and (k+1)-th expert are wide next to float rounding.
+# input is RMS-normalised (norm sqrt(hidden)), so the logits have about this standard deviation. Measured on
+# tiny-moe: the gap between the k-th and (k+1)-th expert's logit has median 1.7 and is under 0.03 for 1% of
+# tokens, next to the ~4e-5 by which batching moves a layer-4 logit (a continuous router keeps rare near-ties).
 TINY_ROUTER_LOGIT_STD = 6.0
 
 
