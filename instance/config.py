@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from instance.limits import MAX_MODEL_LEN_CAP
 
@@ -18,7 +18,8 @@ DEFAULT_MODEL = "smollm2-135m"
 class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = Field(DEFAULT_MODEL, description="smollm2-135m, tiny-llama, or a path to a GGUF file / HF directory")
+    model: str = Field(DEFAULT_MODEL, description="smollm2-135m, smollm2-135m-moe, tiny-llama, tiny-moe, or a path "
+                                                  "to a GGUF file / HF directory")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = float32 on CPU, bfloat16 on CUDA")
@@ -29,9 +30,27 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="most requests running at once")
     max_model_len: int | None = Field(None, ge=2, description="prompt + output limit; default: the model's, "
                                                               f"capped at {MAX_MODEL_LEN_CAP}")
-    seed: int = Field(0, description="seed of tiny-llama's random weights and of unseeded requests' seeds")
-    tiny_num_layers: int = Field(2, ge=1, description="tiny-llama only: decoder layers")
-    tiny_hidden_size: int = Field(64, ge=8, description="tiny-llama only: hidden size")
+    seed: int = Field(0, description="seed of tiny-llama's / tiny-moe's random weights, of upcycled "
+                                          "routers and of unseeded requests' seeds")
+    tiny_num_layers: int | None = Field(None, ge=1, description="tiny-llama / tiny-moe only: decoder layers "
+                                                                "(default 2 / 4)")
+    tiny_hidden_size: int = Field(64, ge=8, description="tiny-llama / tiny-moe only: hidden size")
+    tiny_num_experts: int = Field(8, ge=1, description="tiny-moe only: experts per layer")
+    tiny_top_k: int = Field(2, ge=1, description="tiny-moe only: experts each token is routed to")
+    upcycle_experts: int = Field(0, ge=0, description="serve a dense model as an MoE: copy each MLP into this many "
+                                                      "experts behind a seeded router (0 = off; smollm2-135m-moe: 4)")
+    upcycle_top_k: int = Field(1, ge=1, description="experts each token is routed to when upcycling; with 1 the "
+                                                    "output equals the dense model's")
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self):
+        if self.tiny_top_k > self.tiny_num_experts:
+            raise ValueError(f"tiny_top_k ({self.tiny_top_k}) must not exceed tiny_num_experts "
+                             f"({self.tiny_num_experts})")
+        if self.upcycle_experts and self.upcycle_top_k > self.upcycle_experts:
+            raise ValueError(f"upcycle_top_k ({self.upcycle_top_k}) must not exceed upcycle_experts "
+                             f"({self.upcycle_experts})")
+        return self
 
     def torch_dtype(self):
         import torch

@@ -34,7 +34,7 @@ class Engine(EngineBackend):
         loaded = load_model(config)
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
-        arch = loaded.model.arch
+        arch = self.arch = loaded.model.arch        # the model's shape (native engine only; not in the interface)
         self.block_size = config.block_size
         self.vocab_size = arch.vocab_size
         dtype = config.torch_dtype()

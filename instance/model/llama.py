@@ -1,19 +1,25 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) that reads and writes a paged KV cache.
+"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM; and the MoE layouts of Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE) that reads and writes a paged KV cache.
 
 RMSNorm, rotary embeddings (theta and linear / llama3 scaling), grouped-query attention, SwiGLU, tied or
-untied embeddings, optional q/k/v bias (Qwen2). Tokens of all requests in a step are flattened into one
-[T, hidden] batch for the dense layers; attention runs per group: all decode tokens together, each prefill
-chunk on its own.
+untied embeddings, optional q/k/v bias (Qwen2), optional q/k RMSNorm per head (Qwen3) or over the whole
+projection (OLMoE), and a sparse MoE block in place of the MLP (moe.py). Tokens of all requests in a step are
+flattened into one [T, hidden] batch for the dense layers; attention runs per group: all decode tokens
+together, each prefill chunk on its own.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from instance.model.experts import SwiGLU
+from instance.model.moe import MoEArch, SparseMoE
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,11 @@ class ModelArch:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qk_norm: Literal["head", "full"] | None = None   # RMSNorm of q and k: per head (Qwen3), whole (OLMoE)
+    moe: MoEArch | None = None                       # sparse feed-forward layers; None = a dense model
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer not in self.moe.dense_layers
 
 
 @dataclass
@@ -109,14 +120,23 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(arch.hidden_size, q + 2 * kv, bias=arch.attention_bias)
         self.o_proj = nn.Linear(q, arch.hidden_size, bias=False)
         self.scale = arch.head_dim ** -0.5
+        self.qk_norm = arch.qk_norm
+        if arch.qk_norm is not None:
+            q_dim, k_dim = (arch.head_dim, arch.head_dim) if arch.qk_norm == "head" else (q, kv)
+            self.q_norm = RMSNorm(q_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(k_dim, arch.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch):
         t = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([h * d, kvh * d, kvh * d], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(t, h, d)
         k = k.view(t, kvh, d)
         v = v.view(t, kvh, d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
 
@@ -153,24 +173,16 @@ class Attention(nn.Module):
         return self.o_proj(out.view(t, h * d))
 
 
-class MLP(nn.Module):
-    def __init__(self, arch: ModelArch):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = Attention(arch)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = MLP(arch)
+        if arch.is_moe_layer(index):
+            self.mlp = SparseMoE(arch.moe, arch.hidden_size)
+        else:
+            self.mlp = SwiGLU(arch.hidden_size, arch.intermediate_size)
 
     def forward(self, x, cos, sin, kv_cache, batch):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)
@@ -182,7 +194,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.arch = arch
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         cos, sin = rope_tables(arch, max_positions)
@@ -201,8 +213,15 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def moe_blocks(self) -> dict[int, SparseMoE]:
+        """layer index -> its sparse MoE block (where expert placement is set); empty for a dense model."""
+        return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, SparseMoE)}
+
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face-named Llama weights (q/k/v and gate/up are fused here). Consumes the dict."""
+        """Load Hugging Face-named Llama weights (q/k/v and gate/up are fused here). Consumes the dict.
+
+        MoE layers take Hugging Face's fused expert layout (`mlp.experts.gate_up_proj` [E, 2F, H], ...);
+        moe_checkpoint.fuse_expert_tensors brings per-expert checkpoints and GGUF files into it."""
         dtype = self.embed_tokens.weight.dtype
 
         def take(name):
@@ -224,9 +243,15 @@ class LlamaModel(nn.Module):
                 if self.arch.attention_bias:
                     a.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
                 a.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
-                layer.mlp.gate_up_proj.weight.copy_(
-                    torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
-                layer.mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+                if a.qk_norm is not None:
+                    a.q_norm.weight.copy_(take(p + "self_attn.q_norm.weight"))
+                    a.k_norm.weight.copy_(take(p + "self_attn.k_norm.weight"))
+                if isinstance(layer.mlp, SparseMoE):
+                    layer.mlp.load_hf_weights(take, p + "mlp.")
+                else:
+                    layer.mlp.gate_up_proj.weight.copy_(
+                        torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+                    layer.mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
                 layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
                 layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
         weights.pop("lm_head.weight", None)
