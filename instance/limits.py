@@ -21,4 +21,8 @@ BETWEEN_STEPS_TIMEOUT_S = 60.0      # a command waits at most one (long) step pl
 REAP_INTERVAL_S = 1.0               # an instance looks for stale migrations and dead frontends this often
 SINK_PING_TIMEOUT_S = 5.0           # a frontend that does not answer a ping this fast is asked again later
 SCHEDULER_SILENCE_S = 2.0           # no table pushed for this long: the scheduler may have restarted
+FAILOVER_BOUND_S = 30.0             # a stream whose instance died is resumed elsewhere within this, or ends
+STREAM_IDLE_MARGIN_S = 30.0         # a stream with no progress (no token, not listed by its instance) for
+DEFAULT_PREFILL_TOKENS_PER_S = 200.0  # ... the margin + the longest prompt's prefill at this rate (or the
+                                      # fastest rate observed) ends with UNAVAILABLE
 DRAIN_RETRIES = 3                   # a drain tries to move one request at most this many times

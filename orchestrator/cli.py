@@ -203,15 +203,24 @@ def cmd_status(args) -> int:
             resp = admin_pb2_grpc.AdminServiceStub(ch).ListInstances(admin_pb2.ListInstancesRequest(), timeout=10)
         except grpc.RpcError as e:
             return _rpc_failed("status", args.addr, e)
-        try:
+        try:      # migrations are the scheduler's: while it restarts, the instance table still shows
             migrations = admin_pb2_grpc.AdminServiceStub(ch).ListMigrations(admin_pb2.ListMigrationsRequest(),
                                                                             timeout=10)
+            missing = None
         except grpc.RpcError as e:
-            return _rpc_failed("status", args.addr, e)
+            migrations, missing = admin_pb2.ListMigrationsResponse(), e.details() or e.code().name
     if args.json:
-        print(json.dumps({**MessageToDict(resp), **MessageToDict(migrations)}, indent=2))
+        out = {**MessageToDict(resp), **MessageToDict(migrations)}
+        if missing:
+            out["migrations_unavailable"] = missing
+        print(json.dumps(out, indent=2))
         return 0
     print(format_status(resp.instances))
+    for line in control_plane_problems(resp.control_plane):
+        print(f"\n{line}")
+    if missing:
+        print(f"\nmigrations: unavailable ({missing})")
+        return 0
     print(f"\nmigrations in flight: {len(migrations.in_flight)}")
     if migrations.in_flight:
         print(format_migrations(migrations.in_flight))
@@ -220,6 +229,18 @@ def cmd_status(args) -> int:
     if recent:
         print(format_migrations(recent))
     return 0
+
+
+def control_plane_problems(cp) -> list[str]:
+    """What is wrong with the scheduler or its state store, in sentences (nothing when all is well)."""
+    problems = []
+    if not cp.scheduler_reachable:
+        problems.append(f"scheduler: no table for {cp.scheduler_silent_s:.0f} s (restarting?); serving goes on "
+                        "with the last instance table")
+    if cp.state_store and not cp.state_store_reachable:
+        problems.append(f"state store {cp.state_store}: unreachable ({cp.state_store_error}); serving goes on, "
+                        f"{cp.unwritten_intent} target-state records will be written once it is back")
+    return problems
 
 
 def format_migrations(records) -> str:

@@ -75,7 +75,9 @@ class ServeConfig(BaseModel):
     load_interval_s: float = Field(0.05, gt=0, le=1.0, description="how often loads are observed and pushed")
     startup_timeout_s: float = Field(600.0, gt=0)
     call_timeout_s: float = Field(30.0, gt=0, description="deadline of one call to an instance")
-    stream_idle_timeout_s: float = Field(300.0, gt=0, description="a stream with no token for this long fails")
+    stream_idle_timeout_s: float | None = Field(None, gt=0, description="a stream with no progress (no token, "
+                                                "and its instance no longer lists it) for this long ends with "
+                                                "UNAVAILABLE; default: 30 s + the longest prompt's prefill")
     grace_period_s: float = Field(10.0, ge=0, description="shutdown: time in-flight requests get to finish")
     request_retries: int = Field(3, ge=0, description="times a request is resumed elsewhere when its instance dies")
     # a crashed instance is seen at once (Ray reports the actor dead); this is for one that hangs. Too short a

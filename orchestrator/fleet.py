@@ -5,6 +5,10 @@ reads of them (views for frontends, states for the policies, roles).
 Observing never blocks the loop: each instance has at most one status poll in flight, taken when it is done.
 An instance is dead when Ray says so (`ActorDead`), or when it has not reported a status for
 `instance_timeout_s` — whether its polls hang or keep failing.
+
+The store may be down when a scheduler (re)starts: the fleet then comes up from what it can observe — the
+table a frontend last received, or else the instances' actor names — and adopts the stored intent of what it
+could not observe (a drain, a role) once the store answers again (`adopt_stored_intent`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from instance.messages import InstanceInfo, InstanceStatus
 from orchestrator.config import ServeConfig
 from orchestrator.errors import not_found
 from orchestrator.intent import Intent
+from orchestrator.store import StoreError
 from orchestrator.policies.migration import InstanceState
 from orchestrator.policies.pd import BOTH, DECODE, PREFILL, takes_decodes
 from rpc import ActorDead, BackgroundTasks
@@ -27,7 +32,8 @@ from rpc.instance import InstanceClient
 log = logging.getLogger(__name__)
 
 STARTING, SERVING, DRAINING, DEAD = "starting", "serving", "draining", "dead"
-REPLACE_DELAY_S = 1.0          # let Ray release a dead actor's name before a replacement takes it
+REPLACE_DELAY_S = 1.0          # let Ray release a dead actor's name before a replacement takes it ...
+REPLACE_BACKOFF_MAX_S = 30.0   # ... and after each failed replacement twice as long, up to this
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class Member:
     poll_sent_at: float = 0.0       # clock() when the outstanding poll was sent
     failures: int = 0               # polls failed in a row
     replacing: asyncio.Task | None = None
+    replace_attempts: int = 0       # replacements that failed in a row
+    intent_observed: bool = False   # its state and role came from what was observed, not from the store
 
     @property
     def instance_id(self) -> str:
@@ -111,19 +119,31 @@ class Fleet:
         self.tasks = tasks
         self.clock = clock
         self.members: dict[str, Member] = {}
+        self.intent_known = True        # False while the fleet runs on observed intent (the store was down)
 
     # ----- bringing it up ------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Create the instances, or re-find the stored ones by name after a scheduler restart; wait until they
-        serve; store the intent."""
+    async def start(self, observed: list[InstanceView] | None = None) -> None:
+        """Create the instances, or re-find them by name after a scheduler restart; wait until they serve; store
+        the intent. If the store is unreachable, recover from `observed` (the table a frontend last got) or
+        from the instances' names, and adopt the stored intent later."""
         cfg = self.config
-        saved = await self.intent.saved_instances()
+        try:
+            saved = await self.intent.saved_instances()
+        except StoreError as e:
+            self.intent_known = False
+            saved = self._observed_intent(observed)
+            log.warning("state store unreachable at start (%s); recovering from %s", e,
+                        "the table a frontend last received" if observed else "the instances' names")
         if saved and await self._recover(saved):
-            log.info("recovered %d instances from the state store (%s)", len(self.members), self.intent.url)
+            log.info("recovered %d instances (intent from %s)", len(self.members),
+                     self.intent.url if self.intent_known else "what was observed")
+            for m in self.members.values():
+                m.intent_observed = not self.intent_known and not observed
         else:
-            if saved:
+            if saved and self.intent_known:
                 log.warning("stored state names %d instances but none is alive: starting afresh", len(saved))
                 await self.intent.forget_all()
+            self.members.clear()
             for i in range(cfg.instances):
                 iid = f"instance-{i}"
                 self.members[iid] = Member(self.factory.create(iid), role=cfg.initial_role(i))
@@ -134,6 +154,35 @@ class Fleet:
             await asyncio.gather(*(self._start_member(m) for m in self.members.values()))
         for m in self.members.values():
             await self.save(m)
+
+    def _observed_intent(self, observed: list[InstanceView] | None) -> dict[str, dict]:
+        """Intent records as the store would hold them, from a frontend's table or else the configured names."""
+        if observed:
+            return {f"instance/{v.instance_id}": {"instance_id": v.instance_id, "role": v.role,
+                                                  "state": DRAINING if v.state == DRAINING else SERVING}
+                    for v in observed}
+        return {f"instance/instance-{i}": {"instance_id": f"instance-{i}", "role": self.config.initial_role(i),
+                                           "state": SERVING} for i in range(self.config.instances)}
+
+    async def adopt_stored_intent(self) -> list[str]:
+        """The store answers again after a start without it: take its drains and roles for the instances whose
+        intent was guessed from their names (a frontend's table is newer than the store, so it stays), write
+        the fleet's intent, and return the drains that were in progress. StoreError if it is still down."""
+        saved = await self.intent.saved_instances()
+        drains = await self.intent.saved_drains()
+        for rec in saved.values():
+            m = self.members.get(rec["instance_id"])
+            if m is not None and m.intent_observed and m.state != DEAD:
+                m.role = rec.get("role", m.role)
+                m.state = DRAINING if rec.get("state") == DRAINING else m.state
+            if m is not None:
+                m.intent_observed = False
+        self.intent_known = True
+        for m in self.members.values():
+            await self.save(m)
+        log.info("state store %s reachable: intent of %d instances adopted and written", self.intent.url,
+                 len(self.members))
+        return drains
 
     async def _recover(self, saved: dict[str, dict]) -> bool:
         """Re-find the stored instances by actor name. True if at least one is alive."""
@@ -224,17 +273,27 @@ class Fleet:
                 m.replacing = self.tasks.spawn(f"replace {m.instance_id}", self._replace(m))
 
     async def _replace(self, m: Member) -> None:
+        """Start a new instance under the dead one's name; one that fails (or dies while starting) is tried
+        again after a delay that doubles each time, so churn neither stops repair nor hammers the cluster."""
         iid = m.instance_id
-        await asyncio.sleep(REPLACE_DELAY_S)
-        log.info("restarting %s", iid)
-        fresh = Member(self.factory.create(iid), role=m.role, replacing=m.replacing)
+        await asyncio.sleep(min(REPLACE_BACKOFF_MAX_S, REPLACE_DELAY_S * 2 ** m.replace_attempts))
+        log.info("restarting %s%s", iid, f" (attempt {m.replace_attempts + 1})" if m.replace_attempts else "")
+        try:
+            client = self.factory.create(iid)
+        except Exception as e:  # noqa: BLE001 - e.g. the old actor's name not yet released: try again later
+            m.replace_attempts += 1
+            log.error("restarting %s failed: %s", iid, e)
+            return
+        fresh = Member(client, role=m.role, replacing=m.replacing, replace_attempts=m.replace_attempts + 1)
         self.members[iid] = fresh
         try:
             await self._start_member(fresh)
+            fresh.replace_attempts = 0
             await self.save(fresh)
         except Exception as e:  # noqa: BLE001 - try again on the next round
             log.error("restarting %s failed: %s", iid, e)
             fresh.state = DEAD
+            fresh.client.kill()
 
     # ----- what the rest reads -------------------------------------------------------------------------------
     def get(self, instance_id: str) -> Member:

@@ -4,12 +4,20 @@ It validates and tokenizes at the edge, dispatches on the latest instance table 
 scheduler call per request), and streams each request's chunks in `seq` order. A client cancel or deadline
 aborts the request on the instance holding it. Shutdown is graceful: health goes NOT_SERVING, new requests
 are refused, in-flight ones get a grace period, then whatever is left is aborted.
+
+Faults, seen without waiting for the scheduler: an instance that answers as dead (`ActorDead`) is fenced here
+at once — no more dispatch to it, its streams fail over — until the scheduler's table shows a replacement.
+A failover resumes a stream elsewhere within FAILOVER_BOUND_S or ends it with UNAVAILABLE; a stream that
+makes no progress (no token, and its instance's status no longer lists it) for the idle bound ends too. While
+instances are coming back (starting, or dead with --restart-dead-instances), a request with nowhere to go
+waits for one, within the same bounds, instead of failing at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import uuid
@@ -21,12 +29,13 @@ from grpc_reflection.v1alpha import reflection
 
 from instance.backend import load_tokenizer
 from instance.kv_cache import blocks_for
-from instance.limits import DEFAULT_MAX_TOKENS, ORPHANS_REMEMBERED, SCHEDULER_SILENCE_S
+from instance.limits import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_TOKENS_PER_S, FAILOVER_BOUND_S, ORPHANS_REMEMBERED,
+                             SCHEDULER_SILENCE_S, STREAM_IDLE_MARGIN_S)
 from instance.messages import TokenChunk
 from instance.sampling import InvalidRequestError, SamplingParams, validate_request
 from orchestrator.config import ServeConfig
 from orchestrator.errors import AdminError
-from orchestrator.fleet import DEAD, SERVING, InstanceView
+from orchestrator.fleet import DEAD, SERVING, STARTING, InstanceView
 from orchestrator.policies.dispatch import Candidate, choose_instance
 from orchestrator.policies.pd import ROLES, takes_prompts
 from rpc import ActorDead, ActorTimeout, BackgroundTasks, Call, Rejected
@@ -38,6 +47,8 @@ from tidal.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_g
 log = logging.getLogger(__name__)
 
 SERVICES = ("tidal.v1.GenerationService", "tidal.v1.AdminService")
+PROGRESS_CHECK_S = 1.0         # how often a quiet stream checks whether it still makes progress
+CAPACITY_POLL_S = 0.1          # how often a request with nowhere to go looks again
 FINISH_REASONS = {
     "stop": generation_pb2.FINISH_REASON_STOP,
     "length": generation_pb2.FINISH_REASON_LENGTH,
@@ -77,10 +88,12 @@ class RequestStream:
     text_len: int = 0
     retries: int = 0
     failing_over: bool = False
+    progress_at: float = field(default_factory=time.monotonic)      # a chunk came, or its instance listed it
 
     def offer(self, chunk: TokenChunk) -> None:
         if chunk.seq < self.next_seq or chunk.seq in self.held:
             return                                   # a duplicate: already delivered or held
+        self.progress_at = time.monotonic()
         self.held[chunk.seq] = chunk
         while self.next_seq in self.held:
             c = self.held.pop(self.next_seq)
@@ -110,6 +123,8 @@ class Frontend:
         self.views: dict[str, InstanceView] = {}
         self.streams: dict[str, RequestStream] = {}
         self.pending: dict[str, dict[str, _Pending]] = {}     # instance id -> request id -> pending
+        self.fenced: dict[str, object] = {}                   # instance id -> the actor seen dead here
+        self.store = None                                     # how the scheduler sees the state store
         self._orphans: dict[str, None] = {}                   # request ids already aborted as orphans
         self.accepting = False
         self.shutting_down = False
@@ -156,7 +171,8 @@ class Frontend:
             if time.monotonic() - self._last_update < SCHEDULER_SILENCE_S:
                 continue
             try:
-                views = await self.scheduler.register_frontend(self.name, self.me, self.config.startup_timeout_s)
+                views = await self.scheduler.register_frontend(self.name, self.me, list(self.views.values()),
+                                                               self.config.startup_timeout_s)
                 await self.update_instances(views)
                 log.info("frontend %s: registered again with the scheduler", self.name)
             except Exception as e:  # noqa: BLE001 - keep serving on the last table and keep trying
@@ -185,6 +201,15 @@ class Frontend:
                  len(left), grace)
         return len(left)
 
+    def control_plane(self) -> admin_pb2.ControlPlane:
+        """How the scheduler and its state store look from here (answered even while the scheduler is down)."""
+        silent = time.monotonic() - self._last_update
+        msg = admin_pb2.ControlPlane(scheduler_reachable=silent < SCHEDULER_SILENCE_S, scheduler_silent_s=silent)
+        if self.store is not None:
+            msg.state_store, msg.state_store_reachable = self.store.url, self.store.reachable
+            msg.state_store_error, msg.unwritten_intent = self.store.error, self.store.unwritten
+        return msg
+
     async def is_serving(self) -> bool:
         return self.accepting
 
@@ -197,19 +222,30 @@ class Frontend:
             await self.health.set(service, status)
 
     # ----- pushed by the scheduler and the instances -----------------------------------------------------------
-    async def update_instances(self, views: list[InstanceView]) -> None:
-        self._last_update = time.monotonic()
+    async def update_instances(self, views: list[InstanceView], store=None) -> None:
+        now = self._last_update = time.monotonic()
         self.views = {v.instance_id: v for v in views}
+        if store is not None:
+            self.store = store
+        for iid, actor in list(self.fenced.items()):
+            view = self.views.get(iid)
+            if view is not None and view.client.actor != actor and view.state != DEAD:
+                log.info("frontend %s: %s was replaced; dispatching to it again", self.name, iid)
+                del self.fenced[iid]
         for v in views:
             pending = self.pending.get(v.instance_id)
             if pending and v.status is not None:
                 for rid in [r for r, p in pending.items()
                             if p.accepted_at_step is not None and v.status.step_index > p.accepted_at_step]:
                     del pending[rid]
-        dead = {v.instance_id for v in views if v.state == DEAD}
+            for r in v.status.requests if v.status is not None else ():
+                stream = self.streams.get(r.request_id)
+                if stream is not None and stream.instance.instance_id == v.instance_id:
+                    stream.progress_at = now
+        dead = {v.instance_id for v in views if v.state == DEAD} | set(self.fenced)
         for stream in list(self.streams.values()):
-            if stream.instance.instance_id in dead and not stream.failing_over:
-                self.tasks.spawn(f"failover {stream.request_id}", self._failover(stream))
+            if stream.instance.instance_id in dead:
+                self._fail_over(stream)
         serving = [v for v in views if v.state == SERVING]
         if (not self.accepting and not self.shutting_down and serving and len(serving) == len(views)
                 and self.server is not None):
@@ -287,9 +323,10 @@ class Frontend:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no instance has started yet; retry shortly")
         return min(i.vocab_size for i in infos), min(i.max_model_len for i in infos)
 
-    def dispatch(self, prompt_len: int, exclude: frozenset[str] = frozenset()) -> InstanceView:
-        serving = [v for v in self.views.values()
-                   if v.state == SERVING and v.status is not None and v.instance_id not in exclude]
+    def dispatch(self, prompt_len: int, exclude: frozenset = frozenset()) -> InstanceView:
+        """The instance for a new request (or a failover, `exclude`: the actors that already failed it)."""
+        serving = [v for v in self.views.values() if v.state == SERVING and v.status is not None
+                   and v.client.actor not in exclude and v.instance_id not in self.fenced]
         if not serving:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no instance is serving; retry later")
         pool = set(takes_prompts({v.instance_id: v.role for v in serving}, [v.instance_id for v in serving]))
@@ -308,6 +345,46 @@ class Frontend:
         self._turn += 1
         return self.views[iid]
 
+    async def dispatch_when_possible(self, prompt_len: int, deadline: float,
+                                     exclude: frozenset = frozenset()) -> InstanceView:
+        """`dispatch`, or, while no instance is serving but some are coming back, wait for one until
+        `deadline` (time.monotonic()); UNAVAILABLE once nothing is coming back or the deadline passed."""
+        while True:
+            try:
+                return self.dispatch(prompt_len, exclude)
+            except RpcError as e:
+                if e.code != grpc.StatusCode.UNAVAILABLE or not self._capacity_coming() or \
+                        time.monotonic() + CAPACITY_POLL_S > deadline:
+                    raise
+            await asyncio.sleep(CAPACITY_POLL_S)
+
+    def _capacity_coming(self) -> bool:
+        """Whether an instance that does not serve now will: it is starting, or it died and will be replaced."""
+        return any(v.state == STARTING or (self.config.restart_dead_instances and
+                                           (v.state == DEAD or v.instance_id in self.fenced))
+                   for v in self.views.values())
+
+    def fence(self, instance: InstanceClient, why: str) -> None:
+        """An instance answered as dead: stop dispatching to it here, now, and fail its streams over; it is
+        taken back once the scheduler's table shows a replacement (another actor under its id)."""
+        if self.fenced.get(instance.instance_id) is instance.actor:
+            return
+        self.fenced[instance.instance_id] = instance.actor
+        streams = [s for s in self.streams.values() if s.instance.instance_id == instance.instance_id]
+        log.warning("frontend %s: %s is dead (%s): no longer dispatched to; %d streams fail over", self.name,
+                    instance.instance_id, why, len(streams))
+        for stream in streams:
+            self._fail_over(stream)
+
+    def idle_bound_s(self) -> float:
+        """How long a stream may go without progress: set, or the margin plus the longest prompt's prefill at
+        the fastest rate this deployment has shown (DEFAULT_PREFILL_TOKENS_PER_S before it has shown one)."""
+        if self.config.stream_idle_timeout_s is not None:
+            return self.config.stream_idle_timeout_s
+        rates = [v.status.load.tokens_per_s for v in self.views.values() if v.status is not None]
+        rate = max([r for r in rates if r > 0] + [DEFAULT_PREFILL_TOKENS_PER_S])
+        longest = max([v.info.max_model_len for v in self.views.values() if v.info is not None] or [0])
+        return STREAM_IDLE_MARGIN_S + longest / rate
     async def generate(self, request, context):
         """The body of GenerationService.Generate: yields TokenChunks."""
         if not self.accepting:
@@ -319,7 +396,9 @@ class Frontend:
         rid = request.request_id or uuid.uuid4().hex
         if rid in self.streams:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {rid!r} is already running")
-        target = self.dispatch(len(ids))
+        remaining = context.time_remaining() if context is not None else None
+        target = await self.dispatch_when_possible(
+            len(ids), time.monotonic() + min(FAILOVER_BOUND_S, remaining if remaining is not None else math.inf))
         pending = _Pending(blocks=blocks_for(len(ids) + 1, target.status.load.block_size))
         self.pending.setdefault(target.instance_id, {})[rid] = pending
         stream = RequestStream(rid, target.client, prompt_ids=ids, params=params, priority=priority)
@@ -336,14 +415,19 @@ class Frontend:
             except (ActorDead, ActorTimeout) as e:
                 log.warning("instance %s did not accept %s (%s); trying another", target.instance_id, rid,
                             type(e).__name__)
-                self.tasks.spawn(f"failover {rid}", self._failover(stream))
+                if isinstance(e, ActorDead):
+                    self.fence(target.client, "it did not accept a request")
+                self._fail_over(stream)
             while True:
                 try:
-                    item = await asyncio.wait_for(stream.queue.get(), self.config.stream_idle_timeout_s)
+                    item = await asyncio.wait_for(stream.queue.get(), PROGRESS_CHECK_S)
                 except asyncio.TimeoutError:
-                    raise RpcError(grpc.StatusCode.UNAVAILABLE,
-                                   f"no token from instance {stream.instance.instance_id} for "
-                                   f"{self.config.stream_idle_timeout_s:.0f} s") from None
+                    bound = self.idle_bound_s()
+                    if not stream.failing_over and time.monotonic() - stream.progress_at > bound:
+                        raise RpcError(grpc.StatusCode.UNAVAILABLE,
+                                       f"no progress on instance {stream.instance.instance_id} for {bound:.0f} s "
+                                       f"(no token, and it no longer lists the request)") from None
+                    continue
                 if isinstance(item, RpcError):
                     raise item
                 finished = item.finish_reason is not None
@@ -356,10 +440,17 @@ class Frontend:
             if not finished:
                 self.tasks.spawn(f"abort {rid}", self._abort_on_instance(stream))
 
+    def _fail_over(self, stream: RequestStream) -> None:
+        """Start the stream's failover, unless one is under way (marked at once: two would race)."""
+        if not stream.failing_over:
+            stream.failing_over = True
+            self.tasks.spawn(f"failover {stream.request_id}", self._failover(stream))
+
     async def _failover(self, stream: RequestStream) -> None:
-        """The stream's instance died: resume the request on a live one from the tokens its client has."""
-        stream.failing_over = True
-        dead = {stream.instance.instance_id}
+        """The stream's instance died: resume the request on a live one from the tokens its client has, within
+        FAILOVER_BOUND_S (waiting for an instance while one is coming back), or end it with UNAVAILABLE."""
+        dead = {stream.instance.actor}          # the actors that failed this stream (a replacement may serve it)
+        deadline = time.monotonic() + FAILOVER_BOUND_S
         try:
             while stream.request_id in self.streams:
                 stream.retries += 1
@@ -369,17 +460,21 @@ class Frontend:
                                 f"({self.config.request_retries}) is spent")
                     return
                 try:
-                    target = self.dispatch(len(stream.prompt_ids) + len(stream.tokens), exclude=frozenset(dead))
+                    target = await self.dispatch_when_possible(len(stream.prompt_ids) + len(stream.tokens),
+                                                               deadline, exclude=frozenset(dead))
                 except RpcError as e:
                     stream.fail(grpc.StatusCode.UNAVAILABLE,
-                                f"instance {stream.instance.instance_id} failed and no instance can take over: {e}")
+                                f"instance {stream.instance.instance_id} failed and no instance could take over "
+                                f"within {FAILOVER_BOUND_S:.0f} s: {e}")
                     return
                 stream.held.clear()          # whatever the dead instance sent past next_seq is regenerated
                 stream.instance = target.client
                 try:
-                    await target.client.recover_request(
+                    await asyncio.wait_for(target.client.recover_request(
                         stream.request_id, stream.prompt_ids, list(stream.tokens), stream.params,
-                        stream.params.seed, stream.priority, stream.text_len, self.me, stream.next_seq)
+                        stream.params.seed, stream.priority, stream.text_len, self.me, stream.next_seq),
+                        max(0.1, deadline - time.monotonic()))
+                    stream.progress_at = time.monotonic()
                     log.info("failover: %s resumed on %s after %d tokens (attempt %d)", stream.request_id,
                              target.instance_id, len(stream.tokens), stream.retries)
                     return
@@ -390,8 +485,11 @@ class Frontend:
                         return
                     stream.fail(grpc.StatusCode.INTERNAL, f"resuming on {target.instance_id} failed: {e.cause!r}")
                     return
-                except (ActorDead, ActorTimeout):
-                    dead.add(target.instance_id)
+                except ActorDead:
+                    dead.add(target.client.actor)
+                    self.fence(target.client, "it did not take over a request")
+                except (ActorTimeout, asyncio.TimeoutError):
+                    dead.add(target.client.actor)
         finally:
             stream.failing_over = False
 
@@ -423,6 +521,9 @@ class Frontend:
         try:
             await stream.instance.abort_request(stream.request_id)
             log.info("aborted %s on %s", stream.request_id, where)
+        except ActorDead as e:
+            log.warning("abort of %s on %s: %s", stream.request_id, where, e)
+            self.fence(stream.instance, "it did not take an abort")
         except Exception as e:  # noqa: BLE001 - the instance may be gone; nothing else to free here
             log.warning("abort of %s on %s failed: %s", stream.request_id, where, e)
 
@@ -479,7 +580,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListInstances(self, request, context):
         views = sorted(self.fe.views.values(), key=lambda v: v.instance_id)
-        return admin_pb2.ListInstancesResponse(instances=[view_to_proto(v) for v in views])
+        return admin_pb2.ListInstancesResponse(instances=[view_to_proto(v) for v in views],
+                                               control_plane=self.fe.control_plane())
 
     async def GetInstance(self, request, context):
         v = self.fe.views.get(request.instance_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from orchestrator.store import StateStore, StoreError
 
@@ -20,10 +21,21 @@ _DELETE = None
 _ABSENT = object()
 
 
+@dataclass(frozen=True)
+class StoreHealth:
+    """How the state store looks from the scheduler: pushed to frontends with the table, shown by `tidal status`."""
+
+    url: str
+    reachable: bool
+    error: str = ""                 # the last failure, while it is unreachable
+    unwritten: int = 0              # intent records waiting to be written
+
+
 class Intent:
     def __init__(self, store: StateStore):
         self.store = store
         self._unwritten: dict[str, dict | None] = {}      # key -> newest value not yet stored (None: delete)
+        self._error = ""                                  # the last StoreError, cleared by the next success
 
     @property
     def url(self) -> str:
@@ -33,6 +45,9 @@ class Intent:
     def pending(self) -> bool:
         """Whether some intent is still to be written (the store was unreachable)."""
         return bool(self._unwritten)
+
+    def health(self) -> StoreHealth:
+        return StoreHealth(self.store.url, not self._error, self._error, len(self._unwritten))
 
     # ----- writes --------------------------------------------------------------------------------------------
     async def save_instance(self, instance_id: str, state: str, role: str) -> None:
@@ -67,17 +82,28 @@ class Intent:
                 log.warning("state store unreachable; serving goes on and intent is written once it is back: %s",
                             e)
             self._unwritten[key] = value
+            self._error = str(e)
             return False
+        self._error = ""
         if self._unwritten.get(key, _ABSENT) is value:
             del self._unwritten[key]
         return True
 
     # ----- reads ---------------------------------------------------------------------------------------------
     async def saved_instances(self) -> dict[str, dict]:
-        return await asyncio.to_thread(self.store.scan, "instance/")
+        return await self._read("instance/")
 
     async def saved_drains(self) -> list[str]:
-        return [key.split("/")[-1] for key in await asyncio.to_thread(self.store.scan, "op/drain/")]
+        return [key.split("/")[-1] for key in await self._read("op/drain/")]
+
+    async def _read(self, prefix: str) -> dict[str, dict]:
+        try:
+            found = await asyncio.to_thread(self.store.scan, prefix)
+        except StoreError as e:
+            self._error = str(e)
+            raise
+        self._error = ""
+        return found
 
     async def forget_all(self) -> None:
         """Delete every key of the deployment (the deployment is being taken down)."""

@@ -8,7 +8,8 @@ the others:
                   instances to decode instances, send queued prompts back from decode instances, and (behind
                   --pd-adaptive) switch an instance's role;
   4. repair     — replace dead instances (--restart-dead-instances);
-  5. checkpoint — write the intent the state store missed while it was unreachable;
+  5. checkpoint — write the intent the state store missed while it was unreachable (and, after a start without
+                  the store, adopt what it holds once it answers);
   6. broadcast  — push the instance table to every registered frontend, which dispatches on it locally.
 """
 
@@ -25,6 +26,7 @@ from orchestrator.intent import Intent
 from orchestrator.moves import Moves
 from orchestrator.policies.pd import DECODE, PREFILL, HandoffConfig, adapt_roles, plan_handoffs, plan_prompt_returns
 from orchestrator.registry import FrontendRegistry
+from orchestrator.store import StoreError
 from rpc import BackgroundTasks
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,12 @@ log = logging.getLogger(__name__)
 class Reconciler:
     def __init__(self, config: ServeConfig, fleet: Fleet, moves: Moves, intent: Intent,
                  frontends: FrontendRegistry, set_role: Callable[[str, str], Awaitable[str]],
-                 tasks: BackgroundTasks, clock: Callable[[], float] = time.monotonic):
+                 resume_drains: Callable[[list[str]], None], tasks: BackgroundTasks,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.fleet, self.moves, self.intent, self.frontends = fleet, moves, intent, frontends
         self.set_role = set_role
+        self.resume_drains = resume_drains
         self.tasks = tasks
         self.clock = clock
         self.handoff = HandoffConfig(max_per_source=config.migration.max_concurrent,
@@ -100,9 +104,20 @@ class Reconciler:
                 self.tasks.spawn(f"set-role {change.instance_id}", self.set_role(change.instance_id, change.role))
 
     def checkpoint(self) -> None:
-        if self.intent.pending and (self._flush is None or self._flush.done()):
+        if self._flush is not None and not self._flush.done():
+            return
+        if not self.fleet.intent_known:
+            self._flush = self.tasks.spawn("adopt stored intent", self._adopt())
+        elif self.intent.pending:
             self._flush = self.tasks.spawn("write intent", self.intent.flush())
 
+    async def _adopt(self) -> None:
+        try:
+            drains = await self.fleet.adopt_stored_intent()
+        except StoreError:
+            return                      # still down: the next round tries again
+        self.resume_drains(drains)
+
     def broadcast(self) -> None:
-        self.frontends.broadcast(self.fleet.views())
+        self.frontends.broadcast(self.fleet.views(), self.intent.health())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from rpc import ActorDead
 from rpc.frontend import FrontendClient
@@ -35,8 +36,8 @@ class FrontendRegistry:
             log.info("frontend %s registered", name)
         self.frontends[name] = _Registered(client)
 
-    def broadcast(self, views: list) -> None:
-        """Push the table to every frontend whose last push has landed."""
+    def broadcast(self, views: list, store: Any = None) -> None:
+        """Push the table (and how the state store looks) to every frontend whose last push has landed."""
         for name, fe in list(self.frontends.items()):
             if fe.push is not None:
                 if not fe.push.done():
@@ -47,13 +48,13 @@ class FrontendRegistry:
                     log.warning("frontend %s is gone (%s); unregistering it", name, err)
                     del self.frontends[name]
                     continue
-            fe.push = asyncio.ensure_future(fe.client.update_instances(views))
+            fe.push = asyncio.ensure_future(fe.client.update_instances(views, store))
 
-    async def push_now(self, views: list) -> None:
+    async def push_now(self, views: list, store: Any = None) -> None:
         """Push the table to every frontend and wait for it to land, so a command's effect on dispatch is in
         place when the command returns."""
-        results = await asyncio.gather(*(fe.client.update_instances(views) for fe in self.frontends.values()),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(fe.client.update_instances(views, store)
+                                         for fe in self.frontends.values()), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 log.warning("pushing the instance table to a frontend failed: %s", r)

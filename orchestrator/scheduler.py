@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Callable
 
@@ -29,7 +30,7 @@ from orchestrator.intent import Intent
 from orchestrator.moves import Moves
 from orchestrator.reconcile import Reconciler
 from orchestrator.registry import FrontendRegistry
-from orchestrator.store import StateStore, open_store
+from orchestrator.store import StateStore, StoreError, open_store
 from rpc import BackgroundTasks
 from rpc.frontend import FrontendClient
 
@@ -46,31 +47,41 @@ class GlobalScheduler:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.config = cfg = ServeConfig(**config)
         self.tasks = BackgroundTasks("scheduler")
-        self.intent = Intent(store if store is not None else open_store(cfg.state_store, cfg.deployment))
+        # opened unchecked: a scheduler (re)started while the store is down must come up all the same
+        self.intent = Intent(store if store is not None else open_store(cfg.state_store, cfg.deployment,
+                                                                         check=False))
         self.fleet = Fleet(cfg, instances or RayInstances(cfg), self.intent, self.tasks, clock)
         self.moves = Moves(self.fleet, cfg.rebalance, self.tasks, clock)
         self.frontends = FrontendRegistry()
         self.admin = Admin(cfg, self.fleet, self.moves, self.intent, self.frontends, clock)
         self.reconciler = Reconciler(cfg, self.fleet, self.moves, self.intent, self.frontends, self.admin.set_role,
-                                     self.tasks, clock)
+                                     self._resume_drains, self.tasks, clock)
         self._start_lock = asyncio.Lock()
         self._run_loop = run_loop
         self._started = False
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
-    async def start(self) -> list[InstanceView]:
-        """Create the instances (or, after a restart, re-find them by name from the stored intent), wait until
-        they serve, start the reconcile loop, resume interrupted drains. Idempotent."""
+    async def start(self, observed: list[InstanceView] | None = None) -> list[InstanceView]:
+        """Create the instances (or, after a restart, re-find them by name from the stored intent, or from
+        `observed`, a frontend's last table, while the store is down), wait until they serve, start the
+        reconcile loop, resume interrupted drains. Idempotent."""
         async with self._start_lock:
             if not self._started:
-                await self.fleet.start()
+                await self.fleet.start(observed)
                 self._started = True
                 if self._run_loop:
                     self.tasks.spawn("reconcile loop", self.reconciler.run_forever())
-                for instance_id in await self.intent.saved_drains():
-                    log.info("resuming the interrupted drain of %s", instance_id)
-                    self.tasks.spawn(f"drain {instance_id}", self.admin.drain(instance_id))
+                if self.fleet.intent_known:
+                    try:
+                        self._resume_drains(await self.intent.saved_drains())
+                    except StoreError:
+                        self.fleet.intent_known = False     # the checkpoint step resumes them once it answers
             return self.fleet.views()
+
+    def _resume_drains(self, instance_ids: list[str]) -> None:
+        for instance_id in instance_ids:
+            log.info("resuming the interrupted drain of %s", instance_id)
+            self.tasks.spawn(f"drain {instance_id}", self.admin.drain(instance_id))
 
     async def shutdown(self) -> None:
         """Stop the loop, kill the instances this scheduler created and clear its stored state."""
@@ -83,9 +94,11 @@ class GlobalScheduler:
         self.tasks.cancel_all()
         log.info("scheduler shut down; %d instances stopped", len(self.fleet.members))
 
-    async def register_frontend(self, name: str, frontend: FrontendClient) -> list[InstanceView]:
-        """Frontends register at start and again whenever the scheduler went quiet (it may have restarted)."""
-        await self.start()
+    async def register_frontend(self, name: str, frontend: FrontendClient,
+                                table: list[InstanceView] | None = None) -> list[InstanceView]:
+        """Frontends register at start and again whenever the scheduler went quiet (it may have restarted),
+        with the table they last received."""
+        await self.start(table)
         self.frontends.register(name, frontend)
         return self.fleet.views()
 
@@ -95,6 +108,10 @@ class GlobalScheduler:
 
     async def get_timings(self) -> dict[str, float]:
         return dict(self.reconciler.step_timings_ms)
+
+    async def pid(self) -> int:
+        """The scheduler's process (for operators, and for fault injection)."""
+        return os.getpid()
 
     async def list_migrations(self) -> tuple[list[MigrationRecord], list[MigrationRecord]]:
         return await self.admin.list_migrations()

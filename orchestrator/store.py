@@ -79,11 +79,12 @@ class RayKVStore(StateStore):
 
     url = "ray-gcs-kv"
 
-    def __init__(self, deployment: str):
+    def __init__(self, deployment: str, check: bool = True):
         self.namespace = f"tidal/{_check_deployment(deployment)}"
         self._lock = threading.Lock()
-        with self._errors():    # fail at startup, not at the first checkpoint
-            pass
+        if check:
+            with self._errors():    # fail at startup, not at the first checkpoint
+                pass
 
     @contextlib.contextmanager
     def _errors(self):
@@ -126,7 +127,7 @@ class RedisStore(StateStore):
     Socket timeouts bound every call, so a dead server gives StoreError, not a hang.
     """
 
-    def __init__(self, url: str, deployment: str, *, timeout_s: float = 3.0):
+    def __init__(self, url: str, deployment: str, *, timeout_s: float = 3.0, check: bool = True):
         u = urlsplit(url)
         try:
             host, port = u.hostname or "localhost", u.port or 6379
@@ -139,8 +140,9 @@ class RedisStore(StateStore):
         self._r = redis.Redis(host=host, port=port, db=db, username=u.username, password=u.password,
                               ssl=u.scheme == "rediss", socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
                               retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1))
-        with self._errors():    # fail at startup, not at the first checkpoint
-            self._r.ping()
+        if check:
+            with self._errors():    # fail at startup, not at the first checkpoint
+                self._r.ping()
 
     @contextlib.contextmanager
     def _errors(self):
@@ -177,10 +179,12 @@ class RedisStore(StateStore):
         self._r.close()
 
 
-def open_store(url: str | None, deployment: str) -> StateStore:
-    """The store named by `--state-store`: None, "" or "ray" -> RayKVStore; redis://host:port/db -> RedisStore."""
+def open_store(url: str | None, deployment: str, check: bool = True) -> StateStore:
+    """The store named by `--state-store`: None, "" or "ray" -> RayKVStore; redis://host:port/db -> RedisStore.
+    `check`: reach it now and raise StoreError if it is down (what a command wants); the scheduler opens it
+    unchecked, so that it starts, and restarts, while the store is down."""
     if not url or url == "ray":
-        return RayKVStore(deployment)
+        return RayKVStore(deployment, check)
     if url.startswith(("redis://", "rediss://")):
-        return RedisStore(url, deployment)
+        return RedisStore(url, deployment, check=check)
     raise ValueError(f"state_store: {url!r} is not a store; use ray or redis://host:port/db")

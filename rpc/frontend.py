@@ -55,8 +55,9 @@ class FrontendClient(ActorClient):
         return self._call("is_serving")
 
     # ----- the scheduler -------------------------------------------------------------------------------------
-    def update_instances(self, views: list) -> Call[None]:
-        return self._call("update_instances", views)
+    def update_instances(self, views: list, store: Any = None) -> Call[None]:
+        """The instance table, and how the state store looks (orchestrator.intent.StoreHealth)."""
+        return self._call("update_instances", views, store)
 
     # ----- instances: the sink of their streams --------------------------------------------------------------
     def ping(self) -> Call[bool]:

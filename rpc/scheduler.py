@@ -53,10 +53,12 @@ class SchedulerClient(ActorClient):
     def shutdown(self) -> Call[None]:
         return self._call("shutdown")
 
-    def register_frontend(self, name: str, frontend: "FrontendClient", timeout_s: float | None = None) -> Call[list]:
-        """Register (again) and get the instance table; the first registration may wait for the instances to
-        start, so callers pass a longer deadline for it."""
-        return self._call("register_frontend", name, frontend, timeout_s=timeout_s)
+    def register_frontend(self, name: str, frontend: "FrontendClient", table: list | None = None,
+                          timeout_s: float | None = None) -> Call[list]:
+        """Register (again) and get the instance table. `table`: the one this frontend last received, which a
+        scheduler restarted while the state store is down recovers from. A registration may wait for the
+        instances to start, so callers pass a longer deadline for it."""
+        return self._call("register_frontend", name, frontend, table, timeout_s=timeout_s)
 
     # ----- reads ---------------------------------------------------------------------------------------------
     def list_instances(self) -> Call[list]:
@@ -64,6 +66,9 @@ class SchedulerClient(ActorClient):
 
     def get_timings(self) -> Call[dict]:
         return self._call("get_timings")
+
+    def pid(self) -> Call[int]:
+        return self._call("pid")
 
     def list_migrations(self) -> "Call[tuple[list[MigrationRecord], list[MigrationRecord]]]":
         return self._call("list_migrations")

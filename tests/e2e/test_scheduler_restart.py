@@ -66,3 +66,49 @@ def test_killing_the_scheduler_under_load_keeps_serving_and_it_comes_back_with_i
     finally:
         if redis:
             redis.stop()
+
+
+def test_the_scheduler_killed_while_redis_is_down_comes_back_serves_and_writes_its_state_when_redis_returns(
+        ray_local, tmp_path):
+    from orchestrator.store import open_store
+
+    redis = RedisServer(tmp_path, appendonly=False)     # what redis holds dies with it: the scheduler must rewrite it
+    redis.start()
+    try:
+        with deployment("e2e-sched-down", instances=3, rebalance=dict(auto=False), state_store=redis.url) as c:
+            c.admin.DrainInstance(admin_pb2.DrainInstanceRequest(instance_id="instance-2"), timeout=60)
+            c.admin.SetRole(admin_pb2.SetRoleRequest(instance_id="instance-1", role=admin_pb2.INSTANCE_ROLE_DECODE),
+                            timeout=30)
+            before = table(c)
+            redis.kill()
+            c.deployment.scheduler.kill(restart=True)        # Ray restarts it into a world without its store
+            results = [c.generate(timeout=120, prompt=f"store down {i}", max_tokens=20, ignore_eos=True)
+                       for i in range(3)]
+            assert all(len(tokens_of(r)) == 20 for r in results)
+            assert not {ch.instance_id for r in results for ch in r} & {"instance-2"}
+            deadline = time.monotonic() + 90
+            after, cp = {}, None
+            while after != before or cp is None or cp.state_store_reachable or not cp.scheduler_reachable:
+                assert time.monotonic() < deadline, f"the scheduler did not come back as it was: {after}, {cp}"
+                time.sleep(0.2)
+                try:
+                    after = table(c)
+                except ActorDead:
+                    continue
+                cp = c.admin.ListInstances(admin_pb2.ListInstancesRequest(), timeout=10).control_plane
+            assert "cannot reach redis" in cp.state_store_error and cp.state_store == redis.url
+            redis.start()                                     # empty: its data died with it
+            store = open_store(redis.url, "e2e-sched-down")
+            deadline = time.monotonic() + 60
+            while True:
+                saved = {k: (v["state"], v["role"]) for k, v in store.scan("instance/").items()}
+                if saved == {f"instance/{i}": s for i, s in before.items()}:
+                    break
+                assert time.monotonic() < deadline, f"the scheduler did not write its state back: {saved}"
+                time.sleep(0.2)
+            store.close()
+            c.admin.UndrainInstance(admin_pb2.UndrainInstanceRequest(instance_id="instance-2"), timeout=30)
+            assert table(c)["instance-2"] == ("serving", "both")
+            c.wait_all_blocks_free()
+    finally:
+        redis.stop()

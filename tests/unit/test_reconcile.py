@@ -79,6 +79,8 @@ class FakeInstance:
 
     async def start(self):
         self.started += 1
+        if self.killed:
+            raise ActorDead(self.instance_id, "start", "ActorDiedError")
         return InstanceInfo(self.instance_id, "node-" + self.instance_id, "10.0.0.1", "tiny-llama", 1024, 256)
 
     async def get_status(self):
@@ -120,14 +122,25 @@ class FakeInstance:
 
 
 class FakeInstances:
-    """The instance factory: creates fakes, and finds those still alive by id (as Ray finds actors by name)."""
+    """The instance factory: creates fakes, and finds those still alive by id (as Ray finds actors by name).
+    `failing` creations raise, and `dying` ones die while they start."""
 
     def __init__(self):
         self.alive: dict[str, FakeInstance] = {}
         self.created: list[str] = []
+        self.failing = 0
+        self.dying = 0
 
     def create(self, instance_id):
         self.created.append(instance_id)
+        if self.failing:
+            self.failing -= 1
+            raise ValueError(f"the actor name {instance_id} is already taken")
+        if self.dying:
+            self.dying -= 1
+            self.alive[instance_id] = FakeInstance(instance_id)
+            self.alive[instance_id].killed = True
+            return self.alive[instance_id]
         self.alive[instance_id] = FakeInstance(instance_id)
         return self.alive[instance_id]
 
@@ -142,10 +155,11 @@ class FakeFrontend:
         self.tables: list[list] = []
         self.fail = fail               # None, or the error every push raises
 
-    async def update_instances(self, views):
+    async def update_instances(self, views, store=None):
         if self.fail is not None:
             raise self.fail
         self.tables.append(views)
+        self.store = store
 
     def states(self) -> dict[str, str]:
         return {v.instance_id: v.state for v in self.tables[-1]}
@@ -326,5 +340,95 @@ def test_rebalance_moves_work_from_a_loaded_instance_and_the_moved_request_cools
         moved = set(factory.alive["instance-1"].requests)
         assert len(moved) == 1
         assert set(sched.moves.ledger.request_moved_at) == moved
+
+    asyncio.run(scenario())
+
+
+def test_a_scheduler_restarted_while_the_store_is_down_recovers_from_a_frontends_table_and_writes_it_back():
+    async def scenario():
+        store, factory = MemoryStore(), FakeInstances()
+        first, _, _ = scheduler(store, factory, instances=3)
+        await first.start()
+        await first.set_role("instance-1", "decode")
+        await first.drain("instance-2")
+        table = first.fleet.views()                          # what a frontend last received
+        store.down = True
+        second, _, _ = scheduler(store, factory, instances=3)  # Ray restarts it; its store does not answer
+        fe = FakeFrontend()
+        await second.register_frontend("fe", fe, table)
+        await rounds(second)
+        assert {v.instance_id: (v.state, v.role) for v in fe.tables[-1]} == {
+            "instance-0": (SERVING, "both"), "instance-1": (SERVING, "decode"), "instance-2": (DRAINING, "both")}
+        assert factory.created == ["instance-0", "instance-1", "instance-2"]     # found again, not created
+        assert not fe.store.reachable and "down" in fe.store.error
+        store.data.clear()                                   # whatever it held is older than the table
+        store.down = False
+        for _ in range(100):
+            await rounds(second, 1)
+            if store.data.get("instance/instance-2", {}).get("state") == DRAINING:
+                break
+            await asyncio.sleep(0.01)
+        assert store.data["instance/instance-1"]["role"] == "decode"
+        assert store.data["instance/instance-2"]["state"] == DRAINING
+        await rounds(second, 1)
+        assert fe.store.reachable
+
+    asyncio.run(scenario())
+
+
+def test_without_the_store_or_a_table_it_recovers_by_name_and_adopts_the_stored_intent_once_back():
+    async def scenario():
+        store, factory = MemoryStore(), FakeInstances()
+        first, _, _ = scheduler(store, factory, instances=3)
+        await first.start()
+        await first.set_role("instance-1", "decode")
+        await first.drain("instance-2")
+        store.down = True
+        second, _, _ = scheduler(store, factory, instances=3)
+        await second.start()
+        assert {i: (m.state, m.role) for i, m in second.fleet.members.items()} == {
+            "instance-0": (SERVING, "both"), "instance-1": (SERVING, "both"), "instance-2": (SERVING, "both")}
+        assert factory.created == ["instance-0", "instance-1", "instance-2"]
+        store.down = False
+        for _ in range(100):
+            await rounds(second, 1)
+            if second.fleet.intent_known:
+                break
+            await asyncio.sleep(0.01)
+        assert {i: (m.state, m.role) for i, m in second.fleet.members.items()} == {
+            "instance-0": (SERVING, "both"), "instance-1": (SERVING, "decode"), "instance-2": (DRAINING, "both")}
+
+    asyncio.run(scenario())
+
+
+def test_a_replacement_that_fails_or_dies_while_starting_is_retried_with_backoff(monkeypatch):
+    import orchestrator.fleet as fleet
+
+    monkeypatch.setattr(fleet, "REPLACE_DELAY_S", 0.01)
+    waits = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds, *args):
+        if seconds >= 0.01:
+            waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(fleet.asyncio, "sleep", sleep)
+
+    async def scenario():
+        sched, factory, _ = scheduler(restart_dead_instances=True)
+        await sched.start()
+        factory.alive["instance-0"].poll = "dead"
+        factory.failing, factory.dying = 1, 1            # the name is still taken, then it dies while starting
+        await rounds(sched, 2)
+        assert sched.fleet.members["instance-0"].state == DEAD
+        for _ in range(50):
+            await rounds(sched, 1)
+            if sched.fleet.members["instance-0"].state == SERVING:
+                break
+        assert sched.fleet.members["instance-0"].state == SERVING
+        assert factory.created.count("instance-0") == 4        # the first, a refused one, one that died, the last
+        assert waits[:3] == [0.01, 0.02, 0.04]                 # each retry waits twice as long
+        assert sched.fleet.members["instance-0"].replace_attempts == 0
 
     asyncio.run(scenario())

@@ -111,10 +111,28 @@ class ListInstancesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListInstancesResponse(_message.Message):
-    __slots__ = ("instances",)
+    __slots__ = ("instances", "control_plane")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_PLANE_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+    control_plane: ControlPlane
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., control_plane: _Optional[_Union[ControlPlane, _Mapping]] = ...) -> None: ...
+
+class ControlPlane(_message.Message):
+    __slots__ = ("scheduler_reachable", "scheduler_silent_s", "state_store", "state_store_reachable", "state_store_error", "unwritten_intent")
+    SCHEDULER_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_SILENT_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_STORE_FIELD_NUMBER: _ClassVar[int]
+    STATE_STORE_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_STORE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    UNWRITTEN_INTENT_FIELD_NUMBER: _ClassVar[int]
+    scheduler_reachable: bool
+    scheduler_silent_s: float
+    state_store: str
+    state_store_reachable: bool
+    state_store_error: str
+    unwritten_intent: int
+    def __init__(self, scheduler_reachable: _Optional[bool] = ..., scheduler_silent_s: _Optional[float] = ..., state_store: _Optional[str] = ..., state_store_reachable: _Optional[bool] = ..., state_store_error: _Optional[str] = ..., unwritten_intent: _Optional[int] = ...) -> None: ...
 
 class GetInstanceRequest(_message.Message):
     __slots__ = ("instance_id",)
