@@ -152,6 +152,7 @@ class InstanceActor:
                                   record, self.migration, handoff)
             finally:
                 del self.outgoing[request_id]
+                self.steps.nudge()              # the status counts migrations in flight: refresh it
         self.recent.append(record)
         return record
 
@@ -160,16 +161,25 @@ class InstanceActor:
 
     # ----- migration: destination half ----------------------------------------------------------------------
     async def migration_reserve(self, migration_id: str, request_id: str, src: str, n: int) -> int:
-        return await self.incoming.reserve(migration_id, request_id, src, n)
+        try:
+            return await self.incoming.reserve(migration_id, request_id, src, n)
+        finally:
+            self.steps.nudge()
 
     async def migration_receive(self, migration_id: str, first: int, payload) -> None:
         await self.incoming.receive(migration_id, first, payload)
 
     async def migration_commit(self, migration_id: str, state, sink: FrontendClient | None, next_seq: int) -> None:
-        await self.incoming.commit(migration_id, state, sink, next_seq)
+        try:
+            await self.incoming.commit(migration_id, state, sink, next_seq)
+        finally:
+            self.steps.nudge()
 
     async def migration_abort(self, migration_id: str) -> None:
-        await self.incoming.abort(migration_id)
+        try:
+            await self.incoming.abort(migration_id)
+        finally:
+            self.steps.nudge()
 
     # ----- what the step loop calls --------------------------------------------------------------------------
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -203,6 +213,7 @@ class InstanceActor:
                     await job()
                 except Exception:  # noqa: BLE001 - keep reaping
                     log.exception("instance %s: reaping %s failed", self.instance_id, name)
+            self.steps.nudge()
 
     async def _reap_sinks(self) -> None:
         """A frontend that died leaves requests nobody reads: abort them and free their blocks."""

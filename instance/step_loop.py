@@ -63,6 +63,11 @@ class StepLoop:
 
     def stop(self) -> None:
         self._stopping = True
+        self.nudge()
+
+    def nudge(self) -> None:
+        """Run the loop once more even if there is nothing to step: what the actor reports changed outside a
+        step (a migration ended), and an idle loop refreshes only when woken."""
         if self._wake is not None:
             self._wake.set()
 

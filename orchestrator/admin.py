@@ -47,7 +47,7 @@ class Admin:
         self.clock = clock
 
     async def _push_now(self) -> None:
-        await self.frontends.push_now(self.fleet.views(), self.intent.health())
+        await self.frontends.push_now(self.fleet.views())
 
     # ----- roles and dispatch --------------------------------------------------------------------------------
     async def set_role(self, instance_id: str, role: str) -> str:

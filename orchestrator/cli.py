@@ -6,6 +6,7 @@
     tidal bench replay --trace azure-conv|burstgpt|mooncake|FILE [--rate-scale X] [--duration S] [--addr A] ...
     tidal drain INSTANCE | undrain INSTANCE | rebalance | migrate REQUEST_ID [--to INSTANCE]
     tidal set-role INSTANCE prefill|decode|both
+    tidal scale --instances N
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def _add_client(sub) -> None:
     sr = sub.add_parser("set-role", help="make an instance prefill, decode or both; what no longer fits moves")
     sr.add_argument("instance")
     sr.add_argument("role", choices=["prefill", "decode", "both"])
-    for p in (d, u, r, m, sr):
+    sc = sub.add_parser("scale", help="run N instances (a removed one is drained by migration first)")
+    sc.add_argument("--instances", type=int, required=True, help="how many instances to run")
+    for p in (d, u, r, m, sr, sc):
         p.add_argument("--addr", default=default_addr())
         p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
 
@@ -216,6 +219,8 @@ def cmd_status(args) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(format_status(resp.instances))
+    if resp.control_plane.target_instances:
+        print(f"\n{format_scaling(resp.control_plane)}")
     for line in control_plane_problems(resp.control_plane):
         print(f"\n{line}")
     if missing:
@@ -241,6 +246,16 @@ def control_plane_problems(cp) -> list[str]:
         problems.append(f"state store {cp.state_store}: unreachable ({cp.state_store_error}); serving goes on, "
                         f"{cp.unwritten_intent} target-state records will be written once it is back")
     return problems
+
+
+def format_scaling(cp) -> str:
+    """The scaling line of `tidal status`: target, the operation in flight, the last decision and why."""
+    line = f"scaling: {cp.target_instances} instances, autoscale {'on' if cp.autoscale else 'off'}"
+    if cp.scaling:
+        line += f"; in flight: {cp.scaling}"
+    if cp.last_scale_decision:
+        line += f"; last decision {cp.last_scale_age_s:.0f} s ago: {cp.last_scale_decision}"
+    return line
 
 
 def format_migrations(records) -> str:
@@ -326,6 +341,23 @@ def cmd_migrate(args) -> int:
     return 0 if r.migration.state == admin_pb2.MIGRATION_STATE_COMMITTED else EXIT_FAILED
 
 
+def cmd_scale(args) -> int:
+    from tidal.v1 import admin_pb2
+
+    try:
+        r = _admin(args, "ScaleInstances", admin_pb2.ScaleInstancesRequest(instances=args.instances))
+    except grpc.RpcError as e:
+        return _rpc_failed("scale", args.addr, e)
+    print(f"scale: {r.previous} -> {r.instances} instances ({r.reason})")
+    if r.added:
+        print(f"  added: {', '.join(r.added)}")
+    if r.removed:
+        print(f"  removed: {', '.join(r.removed)} (drained by live migration)")
+    for nm in r.not_moved:
+        print(f"  finished in place: {nm.request_id}: {nm.reason}")
+    return 0 if r.instances == args.instances else EXIT_FAILED
+
+
 def cmd_bench(args) -> int:
     from orchestrator.bench.replay import main as bench_main
 
@@ -334,7 +366,8 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "status": cmd_status, "drain": cmd_drain,
             "bench": cmd_bench,
-            "undrain": cmd_undrain, "rebalance": cmd_rebalance, "migrate": cmd_migrate, "set-role": cmd_set_role}
+            "undrain": cmd_undrain, "rebalance": cmd_rebalance, "migrate": cmd_migrate, "set-role": cmd_set_role,
+            "scale": cmd_scale}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,3 +21,7 @@ def not_found(message: str) -> AdminError:
 
 def failed_precondition(message: str) -> AdminError:
     return AdminError("FAILED_PRECONDITION", message)
+
+
+def invalid_argument(message: str) -> AdminError:
+    return AdminError("INVALID_ARGUMENT", message)

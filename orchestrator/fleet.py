@@ -56,6 +56,9 @@ class InstanceFactory(Protocol):
 
     def find(self, instance_id: str) -> InstanceClient | None: ...
 
+    def request_capacity(self, instances: int) -> None:
+        """Ask the cluster for room for this many instances (a Ray autoscaler adds nodes); may do nothing."""
+
 
 class RayInstances:
     """Instance actors on Ray: named and detached, so a restarted scheduler finds them again."""
@@ -73,6 +76,18 @@ class RayInstances:
     def find(self, instance_id: str) -> InstanceClient | None:
         cfg = self.config
         return InstanceClient.find(instance_id, cfg.actor_name(instance_id), cfg.namespace, cfg.deadlines)
+
+    def request_capacity(self, instances: int) -> None:
+        """On a cluster (--ray-address), tell Ray's autoscaler the resources `instances` instances need, so it
+        adds nodes before they are created; a local Ray has no autoscaler and needs nothing."""
+        if not self.config.ray_address:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {"CPU": self.config.num_cpus_per_instance}
+        if self.config.gpus_per_instance:
+            bundle["GPU"] = self.config.gpus_per_instance
+        request_resources(bundles=[bundle] * instances)
 
 
 @dataclass
@@ -218,6 +233,33 @@ class Fleet:
     async def save(self, m: Member) -> None:
         """Persist an instance's intent: it exists, serving or draining, and its role."""
         await self.intent.save_instance(m.instance_id, DRAINING if m.state == DRAINING else SERVING, m.role)
+
+    def next_ids(self, n: int) -> list[str]:
+        """Ids for n new instances, after the highest in use (ids of removed instances are not reused)."""
+        top = max((int(iid.rsplit("-", 1)[1]) for iid in self.members), default=-1)
+        return [f"instance-{top + 1 + k}" for k in range(n)]
+
+    async def add(self, instance_id: str, role: str = BOTH) -> Member:
+        """Create (or, after a scheduler restart, re-find) an instance and wait until it serves; it shows as
+        starting meanwhile, so it joins dispatch only once ready. Raises if it fails to start."""
+        client = self.factory.find(instance_id) or self.factory.create(instance_id)
+        m = self.members[instance_id] = Member(client, role=role)
+        try:
+            await self._start_member(m)
+        except Exception:
+            m.state = DEAD
+            raise
+        await self.save(m)
+        return m
+
+    async def remove(self, instance_id: str) -> None:
+        """Stop an instance and forget it (the caller has emptied it first)."""
+        m = self.members.pop(instance_id)
+        if m.poll is not None:
+            m.poll.cancel()
+        m.client.kill()
+        await self.intent.forget_instance(instance_id)
+        log.info("%s stopped and removed from the deployment", instance_id)
 
     def kill_all(self) -> None:
         for m in self.members.values():

@@ -124,7 +124,7 @@ class Frontend:
         self.streams: dict[str, RequestStream] = {}
         self.pending: dict[str, dict[str, _Pending]] = {}     # instance id -> request id -> pending
         self.fenced: dict[str, object] = {}                   # instance id -> the actor seen dead here
-        self.store = None                                     # how the scheduler sees the state store
+        self.control = None                                   # ControlState: the store's health, scaling
         self._orphans: dict[str, None] = {}                   # request ids already aborted as orphans
         self.accepting = False
         self.shutting_down = False
@@ -205,9 +205,15 @@ class Frontend:
         """How the scheduler and its state store look from here (answered even while the scheduler is down)."""
         silent = time.monotonic() - self._last_update
         msg = admin_pb2.ControlPlane(scheduler_reachable=silent < SCHEDULER_SILENCE_S, scheduler_silent_s=silent)
-        if self.store is not None:
-            msg.state_store, msg.state_store_reachable = self.store.url, self.store.reachable
-            msg.state_store_error, msg.unwritten_intent = self.store.error, self.store.unwritten
+        store = self.control.store if self.control is not None else None
+        if store is not None:
+            msg.state_store, msg.state_store_reachable = store.url, store.reachable
+            msg.state_store_error, msg.unwritten_intent = store.error, store.unwritten
+        scaling = self.control.scaling if self.control is not None else None
+        if scaling is not None:
+            msg.autoscale, msg.target_instances, msg.scaling = scaling.autoscale, scaling.target, scaling.in_flight
+            msg.last_scale_decision = scaling.last_decision
+            msg.last_scale_age_s = time.time() - scaling.last_decision_at if scaling.last_decision_at else 0.0
         return msg
 
     async def is_serving(self) -> bool:
@@ -222,11 +228,11 @@ class Frontend:
             await self.health.set(service, status)
 
     # ----- pushed by the scheduler and the instances -----------------------------------------------------------
-    async def update_instances(self, views: list[InstanceView], store=None) -> None:
+    async def update_instances(self, views: list[InstanceView], control=None) -> None:
         now = self._last_update = time.monotonic()
         self.views = {v.instance_id: v for v in views}
-        if store is not None:
-            self.store = store
+        if control is not None:
+            self.control = control
         for iid, actor in list(self.fenced.items()):
             view = self.views.get(iid)
             if view is not None and view.client.actor != actor and view.state != DEAD:
@@ -619,6 +625,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         in_flight, recent = await self._admin(context, self.fe.scheduler.list_migrations())
         return admin_pb2.ListMigrationsResponse(in_flight=[migration_to_proto(r) for r in in_flight],
                                                 recent=[migration_to_proto(r) for r in recent])
+
+    async def ScaleInstances(self, request, context):
+        r = await self._admin(context, self.fe.scheduler.scale_instances(request.instances))
+        return admin_pb2.ScaleInstancesResponse(
+            previous=r.previous, instances=r.target, added=r.added, removed=r.removed, reason=r.reason,
+            not_moved=[admin_pb2.NotMoved(request_id=rid, reason=why) for rid, why in r.not_moved])
 
     async def SetRole(self, request, context):
         role = {value: name for name, value in INSTANCE_ROLES.items()}.get(request.role)

@@ -1,5 +1,5 @@
 """The scheduler's target state as it keeps it in the state store: which instances it created (with their
-state and role) and the drains in progress.
+state and role), the drains in progress, and the scale operation in progress.
 
 Writes never stop serving: one that fails because the store is unreachable is kept, the newest value per
 key, and written again by `flush()`, which the reconcile loop calls every round; so losing the store pauses
@@ -59,6 +59,17 @@ class Intent:
     async def end_drain(self, instance_id: str) -> None:
         await self._write(f"op/drain/{instance_id}", _DELETE)
 
+    async def forget_instance(self, instance_id: str) -> None:
+        """A removed instance is no longer part of the deployment."""
+        await self._write(f"instance/{instance_id}", _DELETE)
+
+    async def start_scale(self, target: int, adding: list[str], removing: str | None, reason: str) -> None:
+        await self._write("op/scale", {"target": target, "adding": adding, "removing": removing, "reason": reason,
+                                       "started_at": time.time()})
+
+    async def end_scale(self) -> None:
+        await self._write("op/scale", _DELETE)
+
     async def flush(self) -> None:
         """Write what earlier writes could not, oldest first; stops at the first failure (the store is still
         down) and leaves the rest for the next call."""
@@ -95,6 +106,10 @@ class Intent:
 
     async def saved_drains(self) -> list[str]:
         return [key.split("/")[-1] for key in await self._read("op/drain/")]
+
+    async def saved_scale(self) -> dict | None:
+        """The scale operation a previous scheduler left unfinished, if any."""
+        return (await self._read("op/scale")).get("op/scale")
 
     async def _read(self, prefix: str) -> dict[str, dict]:
         try:

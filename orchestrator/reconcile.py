@@ -8,9 +8,10 @@ the others:
                   instances to decode instances, send queued prompts back from decode instances, and (behind
                   --pd-adaptive) switch an instance's role;
   4. repair     — replace dead instances (--restart-dead-instances);
-  5. checkpoint — write the intent the state store missed while it was unreachable (and, after a start without
+  5. autoscale  — the autoscaling policy (orchestrator/policies/autoscale.py), behind autoscale.enabled;
+  6. checkpoint — write the intent the state store missed while it was unreachable (and, after a start without
                   the store, adopt what it holds once it answers);
-  6. broadcast  — push the instance table to every registered frontend, which dispatches on it locally.
+  7. broadcast  — push the instance table to every registered frontend, which dispatches on it locally.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ log = logging.getLogger(__name__)
 class Reconciler:
     def __init__(self, config: ServeConfig, fleet: Fleet, moves: Moves, intent: Intent,
                  frontends: FrontendRegistry, set_role: Callable[[str, str], Awaitable[str]],
-                 resume_drains: Callable[[list[str]], None], tasks: BackgroundTasks,
-                 clock: Callable[[], float] = time.monotonic):
+                 resume: Callable[[list[str], dict | None], None], tasks: BackgroundTasks,
+                 clock: Callable[[], float] = time.monotonic, autoscale: Callable[[], None] = lambda: None):
         self.config = config
         self.fleet, self.moves, self.intent, self.frontends = fleet, moves, intent, frontends
         self.set_role = set_role
-        self.resume_drains = resume_drains
+        self.resume = resume
         self.tasks = tasks
         self.clock = clock
         self.handoff = HandoffConfig(max_per_source=config.migration.max_concurrent,
@@ -52,7 +53,8 @@ class Reconciler:
         self._flush: asyncio.Task | None = None
         self._stopping = False
         self.steps = (("observe", fleet.observe), ("rebalance", self.rebalance), ("pd", self.pd),
-                      ("repair", fleet.repair), ("checkpoint", self.checkpoint), ("broadcast", self.broadcast))
+                      ("repair", fleet.repair), ("autoscale", autoscale), ("checkpoint", self.checkpoint),
+                      ("broadcast", self.broadcast))
 
     async def run_forever(self) -> None:
         interval = self.config.load_interval_s
@@ -114,10 +116,11 @@ class Reconciler:
     async def _adopt(self) -> None:
         try:
             drains = await self.fleet.adopt_stored_intent()
+            scale = await self.intent.saved_scale()
         except StoreError:
             return                      # still down: the next round tries again
-        self.resume_drains(drains)
+        self.resume(drains, scale)
 
     def broadcast(self) -> None:
-        self.frontends.broadcast(self.fleet.views(), self.intent.health())
+        self.frontends.broadcast(self.fleet.views())
 

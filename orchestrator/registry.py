@@ -1,4 +1,5 @@
-"""The frontends registered with the scheduler, and the instance table it pushes to them.
+"""The frontends registered with the scheduler, and the instance table it pushes to them, with how the
+control plane looks (`control()`: the state store's health, scaling) for `tidal status` and metrics.
 
 A push that has not landed is not repeated (no pile-up); a frontend that is gone (`ActorDead`), or whose
 pushes failed `MAX_PUSH_FAILURES` times in a row, is unregistered: a live frontend registers again as soon as
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from rpc import ActorDead
 from rpc.frontend import FrontendClient
@@ -27,8 +28,17 @@ class _Registered:
     failures: int = 0               # pushes failed in a row
 
 
+@dataclass(frozen=True)
+class ControlState:
+    """Pushed with every table."""
+
+    store: Any                      # orchestrator.intent.StoreHealth
+    scaling: Any = None             # orchestrator.scaling.ScalingStatus
+
+
 class FrontendRegistry:
-    def __init__(self):
+    def __init__(self, control: Callable[[], ControlState | None] = lambda: None):
+        self.control = control
         self.frontends: dict[str, _Registered] = {}
 
     def register(self, name: str, client: FrontendClient) -> None:
@@ -36,8 +46,9 @@ class FrontendRegistry:
             log.info("frontend %s registered", name)
         self.frontends[name] = _Registered(client)
 
-    def broadcast(self, views: list, store: Any = None) -> None:
-        """Push the table (and how the state store looks) to every frontend whose last push has landed."""
+    def broadcast(self, views: list) -> None:
+        """Push the table (and the control state) to every frontend whose last push has landed."""
+        control = self.control()
         for name, fe in list(self.frontends.items()):
             if fe.push is not None:
                 if not fe.push.done():
@@ -48,12 +59,13 @@ class FrontendRegistry:
                     log.warning("frontend %s is gone (%s); unregistering it", name, err)
                     del self.frontends[name]
                     continue
-            fe.push = asyncio.ensure_future(fe.client.update_instances(views, store))
+            fe.push = asyncio.ensure_future(fe.client.update_instances(views, control))
 
-    async def push_now(self, views: list, store: Any = None) -> None:
+    async def push_now(self, views: list) -> None:
         """Push the table to every frontend and wait for it to land, so a command's effect on dispatch is in
         place when the command returns."""
-        results = await asyncio.gather(*(fe.client.update_instances(views, store)
+        control = self.control()
+        results = await asyncio.gather(*(fe.client.update_instances(views, control)
                                          for fe in self.frontends.values()), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):

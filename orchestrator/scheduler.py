@@ -7,6 +7,7 @@ It composes parts that each do one job and do not know Ray (they talk to actors 
 - `Moves` (orchestrator/moves.py): the migrations it starts, tracked until they end, and the rebalance ledger;
 - `Reconciler` (orchestrator/reconcile.py): the loop — observe, rebalance, pd, repair, checkpoint, broadcast;
 - `Admin` (orchestrator/admin.py): operators' commands (drain, undrain, rebalance, migrate, set-role);
+- `Scaling` (orchestrator/scaling.py): the instance count, by the autoscaler or `tidal scale`;
 - `Intent` (orchestrator/intent.py): the target state in the state store, whose outages pause writes only;
 - `FrontendRegistry` (orchestrator/registry.py): the frontends the instance table is pushed to.
 
@@ -29,7 +30,8 @@ from orchestrator.fleet import Fleet, InstanceFactory, InstanceView, RayInstance
 from orchestrator.intent import Intent
 from orchestrator.moves import Moves
 from orchestrator.reconcile import Reconciler
-from orchestrator.registry import FrontendRegistry
+from orchestrator.registry import ControlState, FrontendRegistry
+from orchestrator.scaling import ScaleReport, Scaling
 from orchestrator.store import StateStore, StoreError, open_store
 from rpc import BackgroundTasks
 from rpc.frontend import FrontendClient
@@ -52,10 +54,12 @@ class GlobalScheduler:
                                                                          check=False))
         self.fleet = Fleet(cfg, instances or RayInstances(cfg), self.intent, self.tasks, clock)
         self.moves = Moves(self.fleet, cfg.rebalance, self.tasks, clock)
-        self.frontends = FrontendRegistry()
+        self.frontends = FrontendRegistry(lambda: ControlState(self.intent.health(), self.scaling.status()))
         self.admin = Admin(cfg, self.fleet, self.moves, self.intent, self.frontends, clock)
+        self.scaling = Scaling(cfg, self.fleet, self.admin, self.intent,
+                               lambda: self.frontends.push_now(self.fleet.views()), self.tasks, clock)
         self.reconciler = Reconciler(cfg, self.fleet, self.moves, self.intent, self.frontends, self.admin.set_role,
-                                     self._resume_drains, self.tasks, clock)
+                                     self._resume, self.tasks, clock, autoscale=self.scaling.autoscale)
         self._start_lock = asyncio.Lock()
         self._run_loop = run_loop
         self._started = False
@@ -73,13 +77,19 @@ class GlobalScheduler:
                     self.tasks.spawn("reconcile loop", self.reconciler.run_forever())
                 if self.fleet.intent_known:
                     try:
-                        self._resume_drains(await self.intent.saved_drains())
+                        self._resume(await self.intent.saved_drains(), await self.intent.saved_scale())
                     except StoreError:
                         self.fleet.intent_known = False     # the checkpoint step resumes them once it answers
             return self.fleet.views()
 
-    def _resume_drains(self, instance_ids: list[str]) -> None:
-        for instance_id in instance_ids:
+    def _resume(self, drains: list[str], scale: dict | None) -> None:
+        """Carry on what a previous scheduler left unfinished: a scale operation (its own drain included), and
+        drains."""
+        if scale is not None:
+            self.scaling.resume(scale)
+        for instance_id in drains:
+            if scale is not None and instance_id == scale.get("removing"):
+                continue
             log.info("resuming the interrupted drain of %s", instance_id)
             self.tasks.spawn(f"drain {instance_id}", self.admin.drain(instance_id))
 
@@ -131,3 +141,6 @@ class GlobalScheduler:
 
     async def set_role(self, instance_id: str, role: str) -> str:
         return await self.admin.set_role(instance_id, role)
+
+    async def scale_instances(self, instances: int) -> ScaleReport:
+        return await self.scaling.scale_to(instances)

@@ -55,9 +55,9 @@ class FrontendClient(ActorClient):
         return self._call("is_serving")
 
     # ----- the scheduler -------------------------------------------------------------------------------------
-    def update_instances(self, views: list, store: Any = None) -> Call[None]:
-        """The instance table, and how the state store looks (orchestrator.intent.StoreHealth)."""
-        return self._call("update_instances", views, store)
+    def update_instances(self, views: list, control: Any = None) -> Call[None]:
+        """The instance table, and how the control plane looks (orchestrator.registry.ControlState)."""
+        return self._call("update_instances", views, control)
 
     # ----- instances: the sink of their streams --------------------------------------------------------------
     def ping(self) -> Call[bool]:

@@ -89,3 +89,7 @@ class SchedulerClient(ActorClient):
 
     def set_role(self, instance_id: str, role: str) -> Call[str]:
         return self._call("set_role", instance_id, role)
+
+    def scale_instances(self, instances: int) -> Call:
+        d = self.deadlines
+        return self._call("scale_instances", instances, timeout_s=d.command_s(d.startup_s + d.drain_work_s))

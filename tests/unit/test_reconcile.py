@@ -148,6 +148,9 @@ class FakeInstances:
         inst = self.alive.get(instance_id)
         return inst if inst is not None and not inst.killed else None
 
+    def request_capacity(self, instances):
+        self.capacity = instances
+
 
 class FakeFrontend:
     def __init__(self, name="fe", fail=None):
@@ -155,11 +158,11 @@ class FakeFrontend:
         self.tables: list[list] = []
         self.fail = fail               # None, or the error every push raises
 
-    async def update_instances(self, views, store=None):
+    async def update_instances(self, views, control=None):
         if self.fail is not None:
             raise self.fail
         self.tables.append(views)
-        self.store = store
+        self.store = control.store if control is not None else None
 
     def states(self) -> dict[str, str]:
         return {v.instance_id: v.state for v in self.tables[-1]}
@@ -302,8 +305,8 @@ def test_a_failing_step_does_not_stop_the_others_and_background_failures_are_log
             sched.tasks.spawn("doomed", _fail())
             await asyncio.sleep(0.01)
         assert fe.states()["instance-1"] == DEAD                  # observe and broadcast ran after the failure
-        assert set(sched.reconciler.step_timings_ms) == {"observe", "rebalance", "pd", "repair", "checkpoint",
-                                                         "broadcast"}
+        assert set(sched.reconciler.step_timings_ms) == {"observe", "rebalance", "pd", "repair", "autoscale",
+                                                         "checkpoint", "broadcast"}
         assert "reconcile step rebalance failed" in caplog.text
         assert "scheduler: doomed failed" in caplog.text
 
@@ -430,5 +433,89 @@ def test_a_replacement_that_fails_or_dies_while_starting_is_retried_with_backoff
         assert factory.created.count("instance-0") == 4        # the first, a refused one, one that died, the last
         assert waits[:3] == [0.01, 0.02, 0.04]                 # each retry waits twice as long
         assert sched.fleet.members["instance-0"].replace_attempts == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def quick_scaling(monkeypatch):
+    import orchestrator.scaling as scaling
+
+    monkeypatch.setattr(scaling, "SETTLE_S", 0.01)
+    monkeypatch.setattr(scaling, "EMPTY_POLL_S", 0.01)
+
+
+def test_scaling_out_and_in_adds_instances_and_drains_the_least_busy_one_before_stopping_it(quick_scaling):
+    async def scenario():
+        sched, factory, store, fe = await started(instances=2)
+        report = await sched.scale_instances(3)
+        assert (report.previous, report.target, report.added) == (2, 3, ["instance-2"]) and factory.capacity == 3
+        assert fe.states() == {"instance-0": SERVING, "instance-1": SERVING, "instance-2": SERVING}
+        assert "instance/instance-2" in store.data and "op/scale" not in store.data
+        factory.alive["instance-0"].requests = {"a": running("a"), "b": running("b")}
+        factory.alive["instance-1"].requests = {"c": running("c")}
+        await rounds(sched)
+        report = await sched.scale_instances(1)
+        assert report.removed == ["instance-2", "instance-1"]          # the least busy first, one at a time
+        assert set(sched.fleet.members) == {"instance-0"}
+        assert sorted(factory.alive["instance-0"].requests) == ["a", "b", "c"]   # c moved, nothing aborted
+        assert factory.alive["instance-1"].killed and factory.alive["instance-2"].killed
+        assert sorted(k for k in store.data if k.startswith("instance/")) == ["instance/instance-0"]
+        assert fe.states() == {"instance-0": SERVING}
+
+    asyncio.run(scenario())
+
+
+def test_scaling_refuses_out_of_range_targets_and_a_second_operation():
+    from orchestrator.errors import AdminError
+
+    async def scenario():
+        sched, _, _, _ = await started(autoscale=dict(max_instances=4))
+        for bad in (0, 5):
+            with pytest.raises(AdminError) as err:
+                await sched.scale_instances(bad)
+            assert err.value.code == "INVALID_ARGUMENT" and "1 to 4" in err.value.message
+        assert (await sched.scale_instances(2)).reason == "already at the target"
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_scheduler_finishes_the_scale_in_it_was_doing(quick_scaling):
+    async def scenario():
+        store, factory = MemoryStore(), FakeInstances()
+        first, _, _ = scheduler(store, factory, instances=3)
+        await first.start()
+        await first.intent.start_scale(2, [], "instance-1", "operator asked for 2 instances")
+        await first.fleet.save(first.fleet.members["instance-1"])      # ... and then the scheduler died
+        factory.alive["instance-1"].requests = {"r": running("r")}
+        second, _, _ = scheduler(store, factory, instances=3)
+        await second.start()
+        for _ in range(200):
+            if "op/scale" not in store.data:
+                break
+            await asyncio.sleep(0.01)
+        assert set(second.fleet.members) == {"instance-0", "instance-2"}
+        assert "r" in factory.alive["instance-0"].requests or "r" in factory.alive["instance-2"].requests
+        assert "instance/instance-1" not in store.data
+
+    asyncio.run(scenario())
+
+
+def test_the_autoscaler_adds_an_instance_once_the_load_stayed_high(quick_scaling):
+    async def scenario():
+        clock = Clock()
+        sched, factory, _, fe = await started(clock=clock, instances=1, autoscale=dict(
+            enabled=True, scale_up_delay_s=5, scale_down_delay_s=100, cooldown_s=10, interval_s=1, max_instances=3))
+        factory.alive["instance-0"].requests = {f"r{i}": running(f"r{i}", tokens=150) for i in range(10)}
+        await rounds(sched, 3, clock)                        # 3 s of a full instance: not yet
+        assert len(sched.fleet.members) == 1
+        await rounds(sched, 4, clock)
+        for _ in range(100):
+            if len(sched.fleet.members) == 2 and sched.fleet.members["instance-1"].state == SERVING:
+                break
+            await asyncio.sleep(0.01)
+        assert sched.fleet.members["instance-1"].state == SERVING
+        status = sched.scaling.status()
+        assert status.autoscale and status.target == 2 and "average freeness" in status.last_decision
 
     asyncio.run(scenario())

@@ -119,20 +119,52 @@ class ListInstancesResponse(_message.Message):
     def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., control_plane: _Optional[_Union[ControlPlane, _Mapping]] = ...) -> None: ...
 
 class ControlPlane(_message.Message):
-    __slots__ = ("scheduler_reachable", "scheduler_silent_s", "state_store", "state_store_reachable", "state_store_error", "unwritten_intent")
+    __slots__ = ("scheduler_reachable", "scheduler_silent_s", "state_store", "state_store_reachable", "state_store_error", "unwritten_intent", "autoscale", "target_instances", "scaling", "last_scale_decision", "last_scale_age_s")
     SCHEDULER_REACHABLE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_SILENT_S_FIELD_NUMBER: _ClassVar[int]
     STATE_STORE_FIELD_NUMBER: _ClassVar[int]
     STATE_STORE_REACHABLE_FIELD_NUMBER: _ClassVar[int]
     STATE_STORE_ERROR_FIELD_NUMBER: _ClassVar[int]
     UNWRITTEN_INTENT_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    LAST_SCALE_DECISION_FIELD_NUMBER: _ClassVar[int]
+    LAST_SCALE_AGE_S_FIELD_NUMBER: _ClassVar[int]
     scheduler_reachable: bool
     scheduler_silent_s: float
     state_store: str
     state_store_reachable: bool
     state_store_error: str
     unwritten_intent: int
-    def __init__(self, scheduler_reachable: _Optional[bool] = ..., scheduler_silent_s: _Optional[float] = ..., state_store: _Optional[str] = ..., state_store_reachable: _Optional[bool] = ..., state_store_error: _Optional[str] = ..., unwritten_intent: _Optional[int] = ...) -> None: ...
+    autoscale: bool
+    target_instances: int
+    scaling: str
+    last_scale_decision: str
+    last_scale_age_s: float
+    def __init__(self, scheduler_reachable: _Optional[bool] = ..., scheduler_silent_s: _Optional[float] = ..., state_store: _Optional[str] = ..., state_store_reachable: _Optional[bool] = ..., state_store_error: _Optional[str] = ..., unwritten_intent: _Optional[int] = ..., autoscale: _Optional[bool] = ..., target_instances: _Optional[int] = ..., scaling: _Optional[str] = ..., last_scale_decision: _Optional[str] = ..., last_scale_age_s: _Optional[float] = ...) -> None: ...
+
+class ScaleInstancesRequest(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: int
+    def __init__(self, instances: _Optional[int] = ...) -> None: ...
+
+class ScaleInstancesResponse(_message.Message):
+    __slots__ = ("previous", "instances", "added", "removed", "not_moved", "reason")
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    NOT_MOVED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    previous: int
+    instances: int
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    not_moved: _containers.RepeatedCompositeFieldContainer[NotMoved]
+    reason: str
+    def __init__(self, previous: _Optional[int] = ..., instances: _Optional[int] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., not_moved: _Optional[_Iterable[_Union[NotMoved, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetInstanceRequest(_message.Message):
     __slots__ = ("instance_id",)

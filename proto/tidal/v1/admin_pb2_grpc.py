@@ -75,6 +75,11 @@ class AdminServiceStub:
                 request_serializer=tidal_dot_v1_dot_admin__pb2.SetRoleRequest.SerializeToString,
                 response_deserializer=tidal_dot_v1_dot_admin__pb2.SetRoleResponse.FromString,
                 _registered_method=True)
+        self.ScaleInstances = channel.unary_unary(
+                '/tidal.v1.AdminService/ScaleInstances',
+                request_serializer=tidal_dot_v1_dot_admin__pb2.ScaleInstancesRequest.SerializeToString,
+                response_deserializer=tidal_dot_v1_dot_admin__pb2.ScaleInstancesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -140,6 +145,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScaleInstances(self, request, context):
+        """Run N instances: add new ones, or remove the least busy one at a time, each drained by live migration
+        first (what cannot move finishes there; nothing is aborted). Returns once done. INVALID_ARGUMENT for N
+        outside 1..autoscale.max_instances, FAILED_PRECONDITION while another scale operation runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +196,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetRole,
                     request_deserializer=tidal_dot_v1_dot_admin__pb2.SetRoleRequest.FromString,
                     response_serializer=tidal_dot_v1_dot_admin__pb2.SetRoleResponse.SerializeToString,
+            ),
+            'ScaleInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleInstances,
+                    request_deserializer=tidal_dot_v1_dot_admin__pb2.ScaleInstancesRequest.FromString,
+                    response_serializer=tidal_dot_v1_dot_admin__pb2.ScaleInstancesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +420,33 @@ class AdminService:
             '/tidal.v1.AdminService/SetRole',
             tidal_dot_v1_dot_admin__pb2.SetRoleRequest.SerializeToString,
             tidal_dot_v1_dot_admin__pb2.SetRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidal.v1.AdminService/ScaleInstances',
+            tidal_dot_v1_dot_admin__pb2.ScaleInstancesRequest.SerializeToString,
+            tidal_dot_v1_dot_admin__pb2.ScaleInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,
