@@ -13,7 +13,12 @@ function of its inputs and seed):
   the request leaves the batch, the last blocks are copied (the downtime) and the destination admits it.
   A request that finishes or is preempted during pre-copy stays where it is (the reservation is released).
   A waiting request (no KV yet) has nothing to pre-copy: it leaves the source's queue at the next step
-  boundary and joins the destination's after one stage's fixed cost.
+  boundary and joins the destination's after one stage's fixed cost;
+- autoscale (every `autoscale.interval_s`, when `autoscale` is set): `plan_scaling` over the observed loads, as
+  the scheduler's autoscale step does. A new instance serves `instance_start_s` after the decision (and is
+  paid for from the decision on); the one removed stops taking requests at once and, with
+  `scale_in="drain"`, is drained by migration (`plan_drain`, every rebalance tick) and stops once empty, or,
+  with `scale_in="abort"` (what peers do), has whatever it still holds aborted after `abort_grace_s`.
 
 Migration timings are a model, not a measurement: see `MigrationCost`.
 """
@@ -28,11 +33,15 @@ from dataclasses import dataclass, field
 
 from instance.kv_cache import OutOfBlocksError, blocks_for
 from instance.request import RequestState
+from orchestrator.policies.autoscale import AutoscaleConfig, AutoscaleMemory, plan_scaling
 from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM, Candidate, choose_instance
 from orchestrator.policies.ledger import MoveLedger
-from orchestrator.policies.migration import InstanceState, MigrationPolicyConfig
+from orchestrator.policies.migration import InstanceState, MigrationPolicyConfig, plan_drain
 from orchestrator.sim.cost_model import StepCostModel
 from orchestrator.sim.instance import SimInstance
+
+
+DRAIN_MOVES_IN_FLIGHT = 4       # migrations off a draining instance at once (MigrationConfig.max_concurrent)
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,11 @@ class SimConfig:
     load_interval_s: float = 0.05
     rebalance_interval_s: float = 0.5
     seed: int = 0
+    autoscale: AutoscaleConfig | None = None  # scale the instance count on load (None: num_instances, fixed)
+    instance_start_s: float = 20.0            # a new instance serves this long after the decision
+    scale_in: str = "drain"                   # drain (by migration) | abort (after abort_grace_s)
+    abort_grace_s: float = 30.0
+    scale_in_victim: str = "policy"           # policy (the least busy) | newest (as a ReplicaSet scales down)
 
     def __post_init__(self) -> None:
         if blocks_for(self.max_model_len, self.block_size) > self.num_blocks:
@@ -93,6 +107,7 @@ class RequestRecord:
     finish_s: float | None = None
     preemptions: int = 0
     migrations: int = 0
+    aborted: bool = False           # on an instance removed by an abort-after-grace scale-in
 
     @property
     def ttft_s(self) -> float | None:
@@ -118,6 +133,9 @@ class SimResult:
     end_s: float
     wall_s: float
     busy_s: dict[str, float] = field(default_factory=dict)
+    instance_s: float = 0.0         # instance-seconds paid for (starting and draining ones included)
+    aborted: int = 0
+    max_instances: int = 0
 
     @property
     def finished(self) -> list[RequestRecord]:
@@ -157,6 +175,18 @@ class Simulator:
         self.migrations_aborted = 0
         self._finished = 0
         self._total = 0
+        self._cost = cost
+        self._next_index = config.num_instances
+        self._starting = 0                              # instances decided, not serving yet
+        self._draining: set[str] = set()               # no longer dispatched to, on their way out
+        self._abort_at_step_end: set[str] = set()
+        self._scale_memory = AutoscaleMemory()
+        self._instance_s = 0.0
+        self._accounted_at = 0.0
+        self._gone_preemptions = 0
+        self._gone_busy: dict[str, float] = {}
+        self.aborted = 0
+        self.max_instances = config.num_instances
 
     # ----- the event loop --------------------------------------------------------------------------------
     def _at(self, t: float, fn, *args) -> None:
@@ -171,8 +201,10 @@ class Simulator:
                                  f"positive and fit max_model_len {self.cfg.max_model_len}")
             self._at(w.arrival_s, self._arrive, f"req-{n}", w)
         self._at(0.0, self._observe)
-        if self.cfg.migrate:
+        if self.cfg.migrate or self.cfg.autoscale is not None:
             self._at(self.cfg.rebalance_interval_s, self._rebalance)
+        if self.cfg.autoscale is not None:
+            self._at(self.cfg.autoscale.interval_s, self._autoscale)
         self._total = total = len(workload)
         while self._events and self._finished < total:
             t, _, fn, args = heapq.heappop(self._events)
@@ -180,10 +212,14 @@ class Simulator:
                 break
             self.now = t
             fn(*args)
+        self._account()
         return SimResult(list(self.records.values()),
-                         preemptions=sum(i.load().num_preemptions_total for i in self.instances),
+                         preemptions=self._gone_preemptions + sum(i.load().num_preemptions_total
+                                                                  for i in self.instances),
                          migrations=self.migrations, migrations_aborted=self.migrations_aborted, end_s=self.now,
-                         wall_s=time.perf_counter() - started, busy_s={i.instance_id: i.busy_s for i in self.instances})
+                         wall_s=time.perf_counter() - started,
+                         busy_s={**self._gone_busy, **{i.instance_id: i.busy_s for i in self.instances}},
+                         instance_s=self._instance_s, aborted=self.aborted, max_instances=self.max_instances)
 
     # ----- frontend --------------------------------------------------------------------------------------
     def _arrive(self, rid: str, w: SimRequest) -> None:
@@ -191,7 +227,7 @@ class Simulator:
         candidates = [Candidate(i.instance_id, self._snapshots[i.instance_id],
                                 pending_requests=len(self._pending[i.instance_id]),
                                 pending_blocks=sum(self._pending[i.instance_id]), batch_slots=cfg.max_num_seqs)
-                      for i in self.instances]
+                      for i in self.instances if i.instance_id not in self._draining]
         iid = choose_instance(cfg.dispatch, candidates, self._turn, self.rng, top_k=cfg.top_k,
                               high_priority_headroom=cfg.high_priority_headroom)
         self._turn += 1
@@ -210,6 +246,8 @@ class Simulator:
                 self._at(self.now + seconds, self._step_end, inst)
 
     def _step_end(self, inst: SimInstance) -> None:
+        if inst.instance_id not in self.by_id:
+            return                                     # removed (its step was already accounted)
         for req in inst.finish_step():
             rec = self.records[req.request_id]
             if rec.first_token_s is None:
@@ -221,11 +259,13 @@ class Simulator:
         for mig in self._suspend_at_step_end[inst.instance_id]:
             self._last_stage(mig)
         self._suspend_at_step_end[inst.instance_id].clear()
+        if inst.instance_id in self._abort_at_step_end:
+            return self._abort_instance(inst.instance_id)
         self._kick(inst)
 
     # ----- global scheduler ------------------------------------------------------------------------------
     def _observe(self) -> None:
-        if (len(self.records) == self._total and not self._migrating
+        if (len(self.records) == self._total and not self._migrating and not self._starting
                 and all(i.step is None for i in self.instances)):
             raise RuntimeError(f"simulation stuck at {self.now:.1f} s: {self._total - self._finished} requests "
                                f"unfinished and no instance can run them")
@@ -242,12 +282,96 @@ class Simulator:
             ins[m.dst.instance_id] += 1
         states = [InstanceState(i.instance_id, i.load(),
                                 tuple(r for r in i.list_requests() if r.request_id not in self._migrating),
+                                accepting=i.instance_id not in self._draining,
                                 migrations_out=outs[i.instance_id], migrations_in=ins[i.instance_id])
                   for i in self.instances]
-        for move in self._ledger.plan(states, self.now):
-            self._start_migration(move.request_id, self.by_id[move.src], self.by_id[move.dst])
-            self._ledger.record(move, self.now)
+        if self.cfg.migrate:
+            for move in self._ledger.plan([s for s in states if s.accepting], self.now):
+                self._start_migration(move.request_id, self.by_id[move.src], self.by_id[move.dst])
+                self._ledger.record(move, self.now)
+        if self.cfg.scale_in == "drain":
+            self._drain([s for s in states if not s.accepting], [s for s in states if s.accepting], outs, ins)
         self._at(self.now + self.cfg.rebalance_interval_s, self._rebalance)
+
+    # ----- autoscaling: the scheduler's autoscale step and Scaling's two ways out --------------------------
+    def _autoscale(self) -> None:
+        cfg = self.cfg.autoscale
+        states = [InstanceState(i.instance_id, self._snapshots[i.instance_id], (),
+                                accepting=i.instance_id not in self._draining) for i in self.instances]
+        decision, self._scale_memory = plan_scaling(states, {}, len(self.instances) + self._starting,
+                                                    bool(self._starting or self._draining), cfg, self.now,
+                                                    self._scale_memory)
+        if decision is not None and decision.remove is None:
+            self._account()
+            self._starting += decision.target - len(self.instances)
+            for _ in range(decision.target - len(self.instances)):
+                self._at(self.now + self.cfg.instance_start_s, self._instance_ready)
+        elif decision is not None:
+            victim = decision.remove if self.cfg.scale_in_victim == "policy" else max(
+                (i.instance_id for i in self.instances if i.instance_id not in self._draining),
+                key=lambda iid: int(iid.rsplit("-", 1)[1]))
+            self._draining.add(victim)
+            if self.cfg.scale_in == "abort":
+                self._at(self.now + self.cfg.abort_grace_s, self._abort_instance, victim)
+        self._at(self.now + cfg.interval_s, self._autoscale)
+
+    def _instance_ready(self) -> None:
+        self._account()
+        self._starting -= 1
+        cfg = self.cfg
+        inst = SimInstance(f"instance-{self._next_index}", cfg.num_blocks, cfg.block_size, cfg.max_num_batched_tokens,
+                           cfg.max_num_seqs, cfg.max_model_len, self._cost)
+        self._next_index += 1
+        self.instances.append(inst)
+        self.by_id[inst.instance_id] = inst
+        self._snapshots[inst.instance_id] = inst.load()
+        self._pending[inst.instance_id] = []
+        self._suspend_at_step_end[inst.instance_id] = []
+        self.max_instances = max(self.max_instances, len(self.instances))
+
+    def _drain(self, draining: list[InstanceState], others: list[InstanceState], outs: dict, ins: dict) -> None:
+        """Move what the instances being removed hold (as `tidal drain` does); stop those that are empty."""
+        for state in draining:
+            inst = self.by_id[state.instance_id]
+            if not inst.core.requests and outs[inst.instance_id] == 0 and ins[inst.instance_id] == 0:
+                self._remove_instance(inst)
+                continue
+            moves, _ = plan_drain(state, others, self.cfg.migration)
+            for move in moves[:max(0, DRAIN_MOVES_IN_FLIGHT - outs[inst.instance_id])]:
+                self._start_migration(move.request_id, inst, self.by_id[move.dst])
+
+    def _abort_instance(self, instance_id: str) -> None:
+        """Scale-in the way peers do it: whatever the instance still holds after the grace period is lost."""
+        inst = self.by_id.get(instance_id)
+        if inst is None:
+            return
+        if inst.step is not None:
+            self._abort_at_step_end.add(instance_id)        # between two steps, as an engine stops
+            return
+        for mig in [m for m in self._migrating.values() if inst in (m.src, m.dst)]:
+            self._abort(mig)
+        for rid in list(inst.core.requests):
+            inst.core.abort(rid)
+            self.records[rid].aborted = True
+            self.aborted += 1
+            self._finished += 1
+        self._remove_instance(inst)
+
+    def _remove_instance(self, inst: SimInstance) -> None:
+        self._account()
+        iid = inst.instance_id
+        self._gone_preemptions += inst.load().num_preemptions_total
+        self._gone_busy[iid] = inst.busy_s
+        self.instances.remove(inst)
+        for table in (self.by_id, self._snapshots, self._pending, self._suspend_at_step_end):
+            table.pop(iid, None)
+        self._draining.discard(iid)
+        self._abort_at_step_end.discard(iid)
+
+    def _account(self) -> None:
+        """Add the instance-seconds since the last change of the instance count."""
+        self._instance_s += (len(self.instances) + self._starting) * (self.now - self._accounted_at)
+        self._accounted_at = self.now
 
     # ----- live migration: the same engine hooks the real migration calls ----------------------------------
     def _start_migration(self, request_id: str, src: SimInstance, dst: SimInstance) -> None:

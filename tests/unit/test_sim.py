@@ -148,3 +148,30 @@ def test_a_config_whose_cache_cannot_hold_one_request_is_refused():
         SimConfig(num_blocks=8, max_model_len=2048)
     with pytest.raises(ValueError, match="fit max_model_len"):
         simulate([SimRequest(0.0, 250, 10)], SMALL, COST)
+
+
+def test_the_autoscaler_adds_instances_for_a_burst_and_drains_them_afterwards_without_losing_a_request():
+    from orchestrator.policies.autoscale import AutoscaleConfig
+
+    rng = random.Random(5)
+    quiet = [SimRequest(2.0 * i, rng.randint(8, 60), rng.randint(4, 20)) for i in range(20)]
+    burst = [SimRequest(40 + 0.02 * i, rng.randint(50, 180), rng.randint(20, 60)) for i in range(400)]
+    after = [SimRequest(60 + 0.5 * i, rng.randint(8, 60), rng.randint(80, 120)) for i in range(160)]  # steady
+    auto = AutoscaleConfig(enabled=True, low_freeness=5, high_freeness=30, scale_up_delay_s=2, scale_down_delay_s=20,
+                           cooldown_s=2, min_instances=1, max_instances=4)
+    cfg = replace(SMALL, num_instances=1, autoscale=auto, instance_start_s=3.0, migrate=False)
+    workload = quiet + burst + after
+    drained = simulate(workload, cfg, COST)
+    assert drained.max_instances == 4 and drained.aborted == 0
+    assert len(drained.finished) == len(workload)                        # every request finished, none lost
+    fixed = simulate(workload, replace(SMALL, num_instances=4, migrate=False), COST)
+    assert fixed.instance_s == pytest.approx(4 * fixed.end_s)
+    assert drained.instance_s < 0.85 * fixed.instance_s                # paid for fewer instance-seconds
+    # an autoscaler eager to scale in (busy instances go): drained, still nothing lost; aborted, requests are
+    eager = replace(cfg, autoscale=auto.model_copy(update=dict(low_freeness=1, high_freeness=3,
+                                                               scale_down_delay_s=1)))
+    eager_drained = simulate(workload, eager, COST)
+    assert eager_drained.aborted == 0 and len(eager_drained.finished) == len(workload)
+    assert eager_drained.migrations > 0                                 # what the removed instances held moved
+    aborting = simulate(workload, replace(eager, scale_in="abort", abort_grace_s=0.5), COST)
+    assert aborting.aborted > 0 and len(aborting.finished) == len(workload) - aborting.aborted
