@@ -8,6 +8,8 @@ process waits forever and no map grows without end.
 # ----- requests ---------------------------------------------------------------------------------------------
 MAX_MODEL_LEN_CAP = 8192            # default max_model_len: the model's context, at most this many tokens
 DEFAULT_MAX_TOKENS = 256            # a request without max_tokens generates at most this (or what still fits)
+MAX_REQUEST_ID_CHARS = 128          # a client's request_id: at most this many of [A-Za-z0-9._:@/-] (it is echoed
+                                    # in every chunk and log line)
 
 # ----- what a process remembers -----------------------------------------------------------------------------
 RECENT_MIGRATIONS_PER_INSTANCE = 64     # finished migration records an instance keeps for `tidal status`

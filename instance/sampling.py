@@ -71,11 +71,19 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, priori
     if bad:
         raise InvalidRequestError("prompt_token_ids", f"ids must be in [0, {vocab_size}), got {bad[:4]}")
     params.validate(vocab_size)
-    limit = max_model_len - params.max_tokens
-    if len(prompt_token_ids) > limit:
+    n = len(prompt_token_ids)
+    room = max_model_len - n                    # output tokens that fit after this prompt
+    if params.max_tokens > room:
+        if room < 1:
+            raise InvalidRequestError("prompt", f"has {n} tokens; this model takes at most {max_model_len - 1} "
+                                      f"(max_model_len {max_model_len}, with room for one output token)")
+        if params.max_tokens >= max_model_len:
+            raise InvalidRequestError("max_tokens", f"is {params.max_tokens}, more than max_model_len "
+                                      f"({max_model_len}); with this {n}-token prompt at most {room} fit")
         raise InvalidRequestError(
-            "prompt", f"has {len(prompt_token_ids)} tokens, more than max_model_len ({max_model_len}) "
-            f"- max_tokens ({params.max_tokens}) = {limit}; shorten the prompt or lower max_tokens")
+            "prompt", f"has {n} tokens, more than max_model_len ({max_model_len}) - max_tokens "
+            f"({params.max_tokens}) = {max_model_len - params.max_tokens}; shorten the prompt or lower max_tokens "
+            f"to at most {room}")
     if not isinstance(priority, int) or not -1000 <= priority <= 1000:
         raise InvalidRequestError("priority", f"must be an integer in [-1000, 1000], got {priority}")
 

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ from grpc_reflection.v1alpha import reflection
 
 from instance.backend import load_tokenizer
 from instance.kv_cache import blocks_for
-from instance.limits import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_TOKENS_PER_S, FAILOVER_BOUND_S, ORPHANS_REMEMBERED,
-                             SCHEDULER_SILENCE_S, STREAM_IDLE_MARGIN_S)
+from instance.limits import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_TOKENS_PER_S, FAILOVER_BOUND_S, MAX_REQUEST_ID_CHARS,
+                             ORPHANS_REMEMBERED, SCHEDULER_SILENCE_S, STREAM_IDLE_MARGIN_S)
 from instance.messages import TokenChunk
 from instance.sampling import InvalidRequestError, SamplingParams, validate_request
 from orchestrator.config import ServeConfig
@@ -47,6 +48,7 @@ from tidal.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_g
 log = logging.getLogger(__name__)
 
 SERVICES = ("tidal.v1.GenerationService", "tidal.v1.AdminService")
+REQUEST_ID = re.compile(rf"[A-Za-z0-9._:@/-]{{1,{MAX_REQUEST_ID_CHARS}}}")
 PROGRESS_CHECK_S = 1.0         # how often a quiet stream checks whether it still makes progress
 CAPACITY_POLL_S = 0.1          # how often a request with nowhere to go looks again
 FINISH_REASONS = {
@@ -400,6 +402,10 @@ class Frontend:
         except InvalidRequestError as e:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         rid = request.request_id or uuid.uuid4().hex
+        if not REQUEST_ID.fullmatch(rid):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"request_id: at most {MAX_REQUEST_ID_CHARS} characters, each a letter, digit or one of "
+                           f"._:@/- (got {len(rid)} characters: {rid[:40]!r}{'...' if len(rid) > 40 else ''})")
         if rid in self.streams:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {rid!r} is already running")
         remaining = context.time_remaining() if context is not None else None
