@@ -43,13 +43,14 @@ import statistics
 import sys
 from dataclasses import replace
 
+from benchmarks.sim_sweep import LENGTHS, run_sensitivity, run_sweep
 from benchmarks.traces import load_trace, sample_rows, scale_lengths
 from orchestrator.bench.schedule import arrival_gaps
 from orchestrator.bench.stats import percentile
 from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM
 from orchestrator.policies.migration import MigrationPolicyConfig
 from orchestrator.sim.cluster import RequestRecord, SimConfig, SimRequest, simulate
-from orchestrator.sim.cost_model import DEFAULT_PATH, StepCostModel
+from orchestrator.sim.cost_model import COST_MODELS, DEFAULT_PATH, StepCostModel
 
 TRACE = "azure-conv"
 POLICY = MigrationPolicyConfig()       # the defaults
@@ -172,7 +173,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--priorities", action="store_true", help="run the priority comparison instead")
     ap.add_argument("--high-share", type=float, default=0.1, help="share of priority-1 requests (--priorities)")
     ap.add_argument("--cost", default=str(DEFAULT_PATH), help="the step cost model (benchmarks/step_costs.py)")
+    ap.add_argument("--sweep", action="store_true", help="sweep rates x CVs x lengths x instances instead")
+    ap.add_argument("--cost-model", choices=COST_MODELS, default="cpu",
+                    help="--sweep: cpu (fitted to the native engine) or gpu-7b (LLaMA-7B on an A10)")
+    ap.add_argument("--lengths", nargs="+", default=list(LENGTHS), choices=LENGTHS)
+    ap.add_argument("--grid-instances", type=int, nargs="+", default=[16])
+    ap.add_argument("--grid-cvs", type=float, nargs="+", default=[1.0, 2.0, 4.0, 6.0])
+    ap.add_argument("--rate-fractions", type=float, nargs="+", default=[0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+                    help="--sweep: request rates, as shares of the cost model's estimate of capacity")
+    ap.add_argument("--plot", help="--sweep: write a PNG of P99 TTFT vs rate per policy")
+    ap.add_argument("--sensitivity", action="store_true", help="--sweep --cost-model gpu-7b: the knee ratios of "
+                    "the first curve with each cost-model parameter halved and doubled, instead")
     args = ap.parse_args(argv)
+    if args.sweep and args.sensitivity:
+        run_sensitivity(args.lengths[0], args.grid_instances[0], args.grid_cvs[0], args.rate_fractions,
+                        args.requests, args.seeds[0])
+        return 0
+    if args.sweep:
+        g = run_sweep(args.cost_model, args.num_blocks, args.lengths, args.grid_instances, args.grid_cvs,
+                      args.rate_fractions, args.requests, args.seeds[0], args.plot)
+        print(f"p99_ttft_ratio_leastload_migration_over_tidal={g['leastload+m']:.2f} "
+              f"normal_priority_cost={g['normal_priority_cost']:.3f}")
+        print(f"p99_ttft_ratio_rr_over_tidal={g['rr']:.2f} p99_ttft_ratio_leastload_over_tidal={g['leastload']:.2f} "
+              f"high_priority_speedup={g['high_priority_speedup']:.2f}")
+        return 0
     cost = StepCostModel.load(args.cost)
     return priorities(args, cost) if args.priorities else compare(args, cost)
 

@@ -43,6 +43,8 @@ class LoadSnapshot:
     tokens_per_s: float           # tokens computed per second of step time over the last few seconds
     num_preemptions_total: int
     num_high_priority: int = 0    # running or waiting requests with priority > 0 (policies give them headroom)
+    head_wait_s: float = 0.0      # how long the head of the waiting queue has waited since it arrived
+    remaining_output_tokens: int = 0  # tokens the running and waiting requests may still generate (max_tokens)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,7 +33,11 @@ from instance.scheduler import Scheduler, SchedulerOutput, load_snapshot
 class EngineCore:
     def __init__(self, num_blocks: int, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int, vocab_size: int, token_bytes: Callable[[int], bytes],
-                 eos_token_ids: frozenset[int] = frozenset(), seed: int = 0):
+                 eos_token_ids: frozenset[int] = frozenset(), seed: int = 0,
+                 clock: Callable[[], float] = time.time):
+        """`clock`: when requests arrive and how long the queue's head has waited; the wall clock, so a request
+        moved to another node keeps its place in the queue (the simulator passes its own)."""
+        self.clock = clock
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -61,7 +65,7 @@ class EngineCore:
         req = Request(
             request_id=request_id, token_ids=ids, num_prompt_tokens=len(ids), params=params,
             seed=params.seed if params.seed is not None else self._seed_rng.getrandbits(63),
-            priority=priority, arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            priority=priority, arrival_time=self.clock() if arrival_time is None else arrival_time,
             detok=Detokenizer(self._token_bytes, params.stop), eos_token_ids=self._eos,
             max_model_len=self.max_model_len)
         self.requests[request_id] = req
@@ -104,7 +108,7 @@ class EngineCore:
 
     # ----- what the control plane sees -----------------------------------------------------------------------
     def load(self, step_time_ms: float = 0.0, tokens_per_s: float = 0.0) -> LoadSnapshot:
-        return load_snapshot(self.scheduler, self.pool, self.requests.values(), self.block_size,
+        return load_snapshot(self.scheduler, self.pool, self.requests.values(), self.block_size, self.clock(),
                              step_time_ms=step_time_ms, tokens_per_s=tokens_per_s)
 
     def request_info(self, request_id: str) -> RequestInfo | None:
@@ -235,7 +239,7 @@ class EngineCore:
         self._adopt(RequestState(
             request_id=request_id, token_ids=list(prompt_token_ids) + list(output_token_ids),
             num_prompt_tokens=len(prompt_token_ids), num_computed_tokens=0, params=params, seed=seed,
-            sample_index=len(output_token_ids), priority=priority, arrival_time=time.monotonic(), text=detok.text,
+            sample_index=len(output_token_ids), priority=priority, arrival_time=self.clock(), text=detok.text,
             text_emitted=min(text_emitted, len(detok.text)), pending_bytes=detok.pending), [])
 
     def _adopt(self, state: RequestState, block_ids: list[int]) -> None:

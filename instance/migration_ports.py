@@ -36,7 +36,7 @@ class EngineSourcePort:
             if info is None:
                 return None
             return RequestSnapshot(info.num_computed_tokens, info.num_preemptions, info.status == "suspended",
-                                   info.num_output_tokens)
+                                   info.num_output_tokens, info.num_tokens)
 
         return await self.steps.between_steps(read)
 

@@ -81,7 +81,7 @@ class Request:
     params: SamplingParams
     seed: int
     priority: int                   # higher is served first
-    arrival_time: float
+    arrival_time: float             # time.time(): wall clock, so a request moved across nodes keeps its place
     detok: Detokenizer
     eos_token_ids: frozenset[int]
     max_model_len: int

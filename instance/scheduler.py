@@ -147,10 +147,10 @@ def _insert_sorted(queue: list[Request], req: Request) -> None:
     queue.insert(lo, req)
 
 
-def load_snapshot(sched: "Scheduler", pool: BlockPool, requests, block_size: int, step_time_ms: float = 0.0,
-                  tokens_per_s: float = 0.0) -> LoadSnapshot:
+def load_snapshot(sched: "Scheduler", pool: BlockPool, requests, block_size: int, now: float,
+                  step_time_ms: float = 0.0, tokens_per_s: float = 0.0) -> LoadSnapshot:
     """The load of an engine (or a simulated one) whose batch `sched` schedules over `pool`; `requests` are all
-    the requests it holds, suspended ones included."""
+    the requests it holds, suspended ones included; `now` on the clock of the requests' arrival times."""
     head = sched.waiting[0] if sched.waiting else None
     return LoadSnapshot(
         total_blocks=pool.num_blocks, free_blocks=pool.num_free, used_blocks=pool.num_used,
@@ -164,4 +164,7 @@ def load_snapshot(sched: "Scheduler", pool: BlockPool, requests, block_size: int
         step_time_ms=step_time_ms, tokens_per_s=tokens_per_s,
         num_preemptions_total=sched.num_preemptions_total,
         num_high_priority=sum(1 for q in (sched.running, sched.waiting) for r in q if r.priority > 0),
+        head_wait_s=max(0.0, now - head.arrival_time) if head else 0.0,
+        remaining_output_tokens=sum(max(0, r.params.max_tokens - r.num_output_tokens)
+                                    for q in (sched.running, sched.waiting) for r in q),
     )

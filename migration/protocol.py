@@ -57,6 +57,11 @@ class MigrationConfig(BaseModel):
     transport: str = Field("ray", description="how KV blocks travel: ray (object store)")
     handoff_prefill_timeout_s: float = Field(120.0, gt=0, description="a hand-over whose request has not "
                                              "finished its prefill this long after it started is abandoned")
+    reserve_upfront: bool = Field(True, description="reserve on the destination, before the first copy, the "
+                                  "blocks the whole request will need by the last stage (false: each stage "
+                                  "reserves what it copies, and dispatches may fill the destination meanwhile)")
+    reserve_growth_blocks: int = Field(2, ge=0, description="with reserve_upfront, blocks reserved beyond the "
+                                       "request's current length for what it decodes during the copy")
 
     def deadline_s(self, handoff: bool = False) -> float:
         """How long one whole migration may take, start to commit or abort (the one place that says): every
@@ -109,6 +114,7 @@ class RequestSnapshot:
     num_preemptions: int
     suspended: bool
     num_output_tokens: int
+    num_tokens: int                # prompt + output so far: what the destination must hold at least
 
 
 @dataclass(frozen=True)

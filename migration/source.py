@@ -42,6 +42,10 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
         preemptions = snap.num_preemptions
         record.tokens_at_start = snap.num_computed_tokens
         copied = 0
+        reservation = _Reservation(peer, mid, rid, record.src)
+        if config.reserve_upfront:       # all it will need, before any copy: fail now rather than after seconds
+            await reservation.cover(-(-snap.num_tokens // bs) + config.last_stage_max_blocks
+                                    + config.reserve_growth_blocks)
         record.state = MigrationState.COPYING
         while True:
             full = snap.num_computed_tokens // bs          # full blocks no longer change
@@ -55,9 +59,9 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
                     continue
             elif handoff or delta <= config.last_stage_max_blocks or record.stage >= config.max_stages:
                 break
-            first = await peer.reserve(mid, rid, record.src, delta)
+            await reservation.cover(full)
             blocks = await port.export(rid, copied, full)
-            await transport.send(peer, mid, first, blocks)
+            await transport.send(peer, mid, copied, blocks)
             snap = _check(await port.snapshot(rid), preemptions)   # still here, and those blocks still its own
             copied = full
             record.stage += 1
@@ -74,8 +78,8 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
         suspended = True
         out_at = time.perf_counter()
         if taken.num_rest_blocks:
-            first = await peer.reserve(mid, rid, record.src, taken.num_rest_blocks)
-            await transport.send(peer, mid, first, taken.rest)
+            await reservation.cover(copied + taken.num_rest_blocks)
+            await transport.send(peer, mid, copied, taken.rest)
             record.blocks_copied = copied + taken.num_rest_blocks
         record.stage_blocks.append(taken.num_rest_blocks)
         try:
@@ -106,6 +110,23 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
              record.dst, record.state.value, record.stage, record.blocks_copied, record.downtime_ms,
              f" ({record.reason})" if record.reason else "")
     return record
+
+
+class _Reservation:
+    """The blocks reserved for one migration on its destination; `cover(n)` reserves what is missing of the
+    first n (the destination hands out block indices in order, so block i of the request lands at index i)."""
+
+    def __init__(self, peer: DestinationPeer, migration_id: str, request_id: str, src: str):
+        self.peer, self.migration_id, self.request_id, self.src = peer, migration_id, request_id, src
+        self.blocks = 0
+
+    async def cover(self, n: int) -> None:
+        if n > self.blocks:
+            first = await self.peer.reserve(self.migration_id, self.request_id, self.src, n - self.blocks)
+            if first != self.blocks:
+                raise MigrationAborted(MigrationState.ABORTED_DST, f"the destination reserved from block {first}, "
+                                       f"expected {self.blocks}")
+            self.blocks = n
 
 
 async def _quietly(awaitable) -> None:

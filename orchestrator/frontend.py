@@ -349,7 +349,8 @@ class Frontend:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"all {len(candidates)} instances have {self.config.max_queue_per_instance} or more "
                            f"queued requests; retry later")
-        iid = choose_instance(self.config.dispatch_policy, open_, self._turn, self._rng, self.config.dispatch_top_k)
+        iid = choose_instance(self.config.dispatch_policy, open_, self._turn, self._rng, self.config.dispatch_top_k,
+                              output_weight=self.config.dispatch_output_weight)
         self._turn += 1
         return self.views[iid]
 

@@ -17,6 +17,12 @@ it says how many blocks each request there can still grow by (a deficit is multi
 A frontend dispatches on the last snapshot it was pushed, which can be up to ~100 ms old; it adds what it has
 sent since (`pending_requests`, `pending_blocks`) so that a burst does not all land on one instance, and
 `top_k` > 1 spreads a burst that several frontends send on the same snapshot.
+
+Expected output (`output_weight`, 0 by default): virtual usage also counts the blocks the instance's requests
+will still grow into, `output_weight` x their remaining max_tokens, so that an instance whose batch has just
+started long generations is not taken for as free as one whose batch is about to finish. max_tokens is the
+per-request hint; the weight says how far to trust it (1: requests run to max_tokens; a deployment whose
+requests stop at EOS well before sets the observed share).
 """
 
 from __future__ import annotations
@@ -53,9 +59,11 @@ class Candidate:
 
 
 def virtual_usage(load: LoadSnapshot, pending_blocks: int = 0, draining: bool = False,
-                  high_priority_headroom: float = HIGH_PRIORITY_HEADROOM, whole_queue: bool = False) -> float:
+                  high_priority_headroom: float = HIGH_PRIORITY_HEADROOM, whole_queue: bool = False,
+                  output_weight: float = 0.0) -> float:
     """Blocks an instance holds or has promised (see the module docstring); math.inf while it drains.
-    `whole_queue` counts the demand of every waiting request, not only the head's."""
+    `whole_queue` counts the demand of every waiting request, not only the head's; `output_weight` the blocks
+    its requests will still grow into."""
     if draining:
         return math.inf
     physical = load.total_blocks - load.free_blocks               # used + reserved for incoming migrations
@@ -64,24 +72,25 @@ def virtual_usage(load: LoadSnapshot, pending_blocks: int = 0, draining: bool = 
     else:
         queue = load.head_demand_blocks if load.num_waiting else 0
     headroom = high_priority_headroom * load.total_blocks * load.num_high_priority
-    return physical + queue + pending_blocks + headroom
+    growth = output_weight * load.remaining_output_tokens / load.block_size
+    return physical + queue + pending_blocks + headroom + growth
 
 
 def freeness(c: Candidate, high_priority_headroom: float = HIGH_PRIORITY_HEADROOM,
-             whole_queue: bool = False) -> float:
+             whole_queue: bool = False, output_weight: float = 0.0) -> float:
     """(capacity - virtual usage) / batch size; -inf while draining. An idle instance's batch counts as 1.
 
     When the usage exceeds the capacity (a queue that does not fit), the deficit is multiplied by the batch
     size instead: divided, it would shrink as requests pile up, and the most backed-up instance would look
     the freest."""
     room = c.load.total_blocks - virtual_usage(c.load, c.pending_blocks, c.draining, high_priority_headroom,
-                                               whole_queue)
+                                               whole_queue, output_weight)
     n = max(1, c.num_requests)
     return room / n if room >= 0 else room * n
 
 
 def choose_instance(policy: str, candidates: list[Candidate], turn: int, rng: random.Random, top_k: int = 1,
-                    high_priority_headroom: float = HIGH_PRIORITY_HEADROOM) -> str | None:
+                    high_priority_headroom: float = HIGH_PRIORITY_HEADROOM, output_weight: float = 0.0) -> str | None:
     """The instance id to dispatch to, or None if there is no candidate. `turn` drives round-robin; least-load
     and freeness pick at random among the `top_k` best (and among instances tied with the k-th)."""
     if not candidates:
@@ -95,7 +104,8 @@ def choose_instance(policy: str, candidates: list[Candidate], turn: int, rng: ra
     if policy == "least-load":
         return _best(candidates, lambda c: -c.num_requests, top_k, rng)
     if policy == "freeness":
-        return _best(candidates, lambda c: freeness(c, high_priority_headroom, whole_queue=True), top_k, rng)
+        return _best(candidates, lambda c: freeness(c, high_priority_headroom, whole_queue=True,
+                                                    output_weight=output_weight), top_k, rng)
     raise ValueError(f"dispatch_policy: unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 

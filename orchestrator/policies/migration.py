@@ -59,6 +59,10 @@ class MigrationPolicyConfig(BaseModel):
                                     "before a running one; 0 moves running requests only")
     high_priority_headroom: float = Field(HIGH_PRIORITY_HEADROOM, ge=0, description="share of capacity set aside "
                                           "per high-priority request")
+    defrag: bool = Field(False, description="when a queue's head fits on no instance, move running requests off "
+                         "one instance to make room for it (de-fragmentation)")
+    queue_delay_s: float = Field(0.0, ge=0, description="an instance whose queue head has waited this long is a "
+                                 "source whatever its freeness (0: off)")
 
     @field_validator("choose")
     @classmethod
@@ -194,14 +198,104 @@ def plan_migrations(instances: list[InstanceState], cfg: MigrationPolicyConfig, 
                          key=lambda i: (_free(i, cfg), i.instance_id))
         req, src, dst = _first_fit(sources, list(view.values()), gave, cfg, settled)
         if dst is None:
-            return moves
+            break
         moves.append(PlannedMove(req.request_id, src.instance_id, dst.instance_id,
                                  f"{_why_source(src, cfg)} -> {dst.instance_id} freeness {_free(dst, cfg):.1f}; "
                                  f"{_why_request(req, cfg.choose)}"))
         gave.add(src.instance_id)
         took.add(dst.instance_id)
         view[src.instance_id], view[dst.instance_id] = _give(src, req), _take(dst, req)
+    if cfg.queue_delay_s > 0 and len(moves) < cfg.max_moves:
+        moves += _waited_heads(view, cfg, settled, gave | took, cfg.max_moves - len(moves))
+    if cfg.defrag and not moves:
+        moves = plan_defrag(list(view.values()), cfg, settled)
     return moves
+
+
+def _waited_heads(view: dict[str, InstanceState], cfg: MigrationPolicyConfig, settled: frozenset[str],
+                  busy: set[str], n: int) -> list[PlannedMove]:
+    """The queueing-delay trigger: the head of a queue that has waited `queue_delay_s` or longer moves to an
+    instance with an empty queue that admits it now, whatever the two instances' freeness (ordinary
+    rebalancing wants a destination above `target_freeness`, which a loaded cluster may not have while one
+    of its instances could start the head at once). Longest waits first; each instance in one move at most."""
+    moves: list[PlannedMove] = []
+    for src in sorted(view.values(), key=lambda i: (-i.load.head_wait_s, i.instance_id)):
+        if len(moves) >= n or src.load.head_wait_s < cfg.queue_delay_s:
+            break
+        if src.instance_id in busy:
+            continue
+        heads = [r for r in _waiting_in_queue_order(src) if r.request_id not in settled]
+        if not heads:
+            continue
+        head, need = heads[0], blocks_of(heads[0], src.load.block_size)
+        fits = [d for d in view.values() if d.accepting and not d.draining and d.instance_id not in busy
+                and d.instance_id != src.instance_id and d.load.num_waiting == 0
+                and _admissible(d, need + cfg.headroom_blocks)]
+        dst = min(fits, key=lambda d: (-_room(d), d.instance_id), default=None)
+        if dst is None:
+            continue
+        moves.append(PlannedMove(head.request_id, src.instance_id, dst.instance_id,
+                                 f"the head of {src.instance_id}'s queue has waited {src.load.head_wait_s:.1f} s; "
+                                 f"{dst.instance_id} admits it now ({need} blocks)"))
+        busy |= {src.instance_id, dst.instance_id}
+        view[src.instance_id], view[dst.instance_id] = _give(src, head), _take(dst, head)
+    return moves
+
+
+def _admissible(inst: InstanceState, need: int) -> bool:
+    """Whether a prompt needing `need` blocks is admitted on `inst` now: the engine admits one whose blocks fit
+    with one to spare per running request (instance/scheduler.py)."""
+    return inst.load.free_blocks - need - inst.load.num_running >= 0
+
+
+def plan_defrag(instances: list[InstanceState], cfg: MigrationPolicyConfig,
+                settled: frozenset[str] = frozenset()) -> list[PlannedMove]:
+    """De-fragmentation (Llumnix's virtual usage of the queue head, acted on deliberately): when the head of an
+    instance's queue fits on no accepting instance, make room for it on the one where the fewest blocks have to
+    move — its running requests, largest first, go to instances with room — and, if the head waits elsewhere,
+    move it there too. [] when every head fits somewhere (ordinary rebalancing moves waiting requests) or no
+    room can be made this round."""
+    accepting = [i for i in instances if i.accepting and not i.draining]
+    heads = [(i, _waiting_in_queue_order(i)[0]) for i in instances
+             if i.load.num_waiting and i.load.head_demand_blocks > 0 and _waiting_in_queue_order(i)]
+    for home, head in sorted(heads, key=lambda h: -h[0].load.head_demand_blocks):
+        need = home.load.head_demand_blocks
+        if any(_admissible(o, need) for o in accepting):
+            continue
+        for target in sorted(accepting, key=lambda o: (-(o.load.free_blocks - o.load.num_running), o.instance_id)):
+            moves = _make_room(target, need, [o for o in accepting if o is not target], cfg, settled)
+            if moves is None:
+                continue
+            if home.instance_id != target.instance_id:
+                moves.append(PlannedMove(head.request_id, home.instance_id, target.instance_id,
+                                         f"defrag: the head of {home.instance_id}'s queue ({need} blocks) fits nowhere; "
+                                         f"room made on {target.instance_id}"))
+            return moves
+    return []
+
+
+def _make_room(target: InstanceState, need: int, others: list[InstanceState], cfg: MigrationPolicyConfig,
+               settled: frozenset[str]) -> list[PlannedMove] | None:
+    """Moves of `target`'s running requests (largest first) to `others` after which a `need`-block prompt is
+    admitted on `target`; None if that cannot be done within `max_moves`."""
+    view = {o.instance_id: o for o in others}
+    moves: list[PlannedMove] = []
+    running = sorted((r for r in target.requests if r.status == "running" and r.num_computed_tokens > 0
+                      and r.request_id not in settled),
+                     key=lambda r: (-r.num_tokens, r.request_id))
+    for req in running:
+        if _admissible(target, need) or len(moves) >= cfg.max_moves:
+            break
+        blocks = blocks_of(req, target.load.block_size)
+        dst = min((o for o in view.values() if _room(o) - blocks >= cfg.headroom_blocks),
+                  key=lambda o: (-_room(o), o.instance_id), default=None)
+        if dst is None:
+            continue
+        moves.append(PlannedMove(req.request_id, target.instance_id, dst.instance_id,
+                                 f"defrag: making room for a {need}-block prompt on {target.instance_id}; "
+                                 f"running request ({req.num_tokens} tokens) -> {dst.instance_id}"))
+        target, view[dst.instance_id] = _give(target, req), _take(dst, req)
+    return moves if moves and _admissible(target, need) else None
 
 
 def _first_fit(sources: list[InstanceState], view: list[InstanceState], gave: set[str], cfg: MigrationPolicyConfig,

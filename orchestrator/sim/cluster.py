@@ -62,6 +62,8 @@ class MigrationCost:
     block_s: float = 0.001
     last_stage_blocks: int = 2
     max_stages: int = 4
+    reserve_upfront: bool = True      # MigrationConfig.reserve_upfront / reserve_growth_blocks
+    reserve_growth_blocks: int = 2
 
     def seconds(self, blocks: int) -> float:
         return self.stage_s + self.block_s * blocks
@@ -78,6 +80,7 @@ class SimConfig:
     dispatch: str = "freeness"            # round-robin | least-load | freeness
     top_k: int = 1
     high_priority_headroom: float = HIGH_PRIORITY_HEADROOM
+    output_weight: float = 0.0            # ServeConfig.dispatch_output_weight
     migrate: bool = True
     migration: MigrationPolicyConfig = MigrationPolicyConfig()
     migration_cost: MigrationCost = MigrationCost()
@@ -149,6 +152,7 @@ class _Migration:
     dst: SimInstance
     preemptions: int = 0       # the request's count when the migration started: a preemption aborts it
     copied_blocks: int = 0
+    reserved_blocks: int = 0
     stage: int = 0
 
 
@@ -156,7 +160,8 @@ class Simulator:
     def __init__(self, config: SimConfig, cost: StepCostModel):
         self.cfg = config
         self.instances = [SimInstance(f"instance-{i}", config.num_blocks, config.block_size,
-                                      config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len, cost)
+                                      config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len, cost,
+                                      self._clock)
                           for i in range(config.num_instances)]
         self.by_id = {i.instance_id: i for i in self.instances}
         self.rng = random.Random(config.seed)
@@ -229,7 +234,7 @@ class Simulator:
                                 pending_blocks=sum(self._pending[i.instance_id]), batch_slots=cfg.max_num_seqs)
                       for i in self.instances if i.instance_id not in self._draining]
         iid = choose_instance(cfg.dispatch, candidates, self._turn, self.rng, top_k=cfg.top_k,
-                              high_priority_headroom=cfg.high_priority_headroom)
+                              high_priority_headroom=cfg.high_priority_headroom, output_weight=cfg.output_weight)
         self._turn += 1
         inst = self.by_id[iid]
         self._pending[iid].append(blocks_for(w.prompt_tokens + 1, cfg.block_size))
@@ -320,7 +325,7 @@ class Simulator:
         self._starting -= 1
         cfg = self.cfg
         inst = SimInstance(f"instance-{self._next_index}", cfg.num_blocks, cfg.block_size, cfg.max_num_batched_tokens,
-                           cfg.max_num_seqs, cfg.max_model_len, self._cost)
+                           cfg.max_num_seqs, cfg.max_model_len, self._cost, self._clock)
         self._next_index += 1
         self.instances.append(inst)
         self.by_id[inst.instance_id] = inst
@@ -373,10 +378,18 @@ class Simulator:
         self._instance_s += (len(self.instances) + self._starting) * (self.now - self._accounted_at)
         self._accounted_at = self.now
 
+    def _clock(self) -> float:
+        return self.now
+
     # ----- live migration: the same engine hooks the real migration calls ----------------------------------
     def _start_migration(self, request_id: str, src: SimInstance, dst: SimInstance) -> None:
-        mig = _Migration(request_id, src, dst, preemptions=src.core.request_info(request_id).num_preemptions)
+        info = src.core.request_info(request_id)
+        mig = _Migration(request_id, src, dst, preemptions=info.num_preemptions)
         self._migrating[request_id] = mig
+        cost = self.cfg.migration_cost
+        if cost.reserve_upfront and not self._reserve(mig, blocks_for(info.num_tokens, self.cfg.block_size)
+                                                      + cost.last_stage_blocks + cost.reserve_growth_blocks):
+            return self._abort(mig)
         self._stage(mig)
 
     def _stage(self, mig: _Migration) -> None:
@@ -391,7 +404,7 @@ class Simulator:
                 return self._last_stage(mig)
             self._suspend_at_step_end[mig.src.instance_id].append(mig)
             return
-        if not self._reserve(mig, delta):
+        if not self._reserve(mig, mig.copied_blocks + delta):
             return self._abort(mig)
         mig.copied_blocks += delta
         mig.stage += 1
@@ -403,7 +416,7 @@ class Simulator:
         if computed is None:
             return self._abort(mig)
         need = blocks_for(computed, self.cfg.block_size) - mig.copied_blocks
-        if need > 0 and not self._reserve(mig, need):
+        if not self._reserve(mig, mig.copied_blocks + need):
             return self._abort(mig)
         state = mig.src.core.suspend(mig.request_id)
         self._at(self.now + self.cfg.migration_cost.seconds(max(0, need)), self._commit, mig, state)
@@ -418,11 +431,15 @@ class Simulator:
         self._kick(mig.src)
 
     def _reserve(self, mig: _Migration, blocks: int) -> bool:
-        try:
-            mig.dst.core.reserve_import(mig.request_id, blocks)
+        """Make sure the first `blocks` blocks of the request are reserved on the destination."""
+        if blocks <= mig.reserved_blocks:
             return True
+        try:
+            mig.dst.core.reserve_import(mig.request_id, blocks - mig.reserved_blocks)
         except OutOfBlocksError:
             return False
+        mig.reserved_blocks = blocks
+        return True
 
     def _movable_tokens(self, mig: _Migration) -> int | None:
         """The request's computed tokens if it is still on the source, running or waiting, and not preempted

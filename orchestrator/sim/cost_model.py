@@ -74,3 +74,49 @@ class StepCostModel:
             raise FileNotFoundError(f"step cost model {path} is missing; measure it with "
                                     f"`python -m benchmarks.step_costs --out {path}`")
         return cls(**json.loads(path.read_text())["coefficients"])
+
+
+# ----- a GPU-shaped profile: LLaMA-7B (fp16) on one NVIDIA A10, the setting of Llumnix's evaluation ------------
+#
+# Arithmetic from published specifications, not a measurement (no GPU here):
+# - NVIDIA A10 datasheet: 24 GB GDDR6, 600 GB/s memory bandwidth, 125 TFLOPS fp16 tensor (dense).
+# - LLaMA-7B (Touvron et al. 2023, table 2): 6.7e9 parameters, 32 layers, hidden 4096, 32 heads, no GQA:
+#   13.4 GB of fp16 weights; KV per token 2 (K, V) x 32 layers x 4096 x 2 bytes = 0.5 MiB.
+# - Efficiencies: decode streams the weights (memory bound) at ~70% of peak bandwidth, prefill runs at ~50%
+#   of peak fp16 (as commonly achieved by vLLM-class kernels; see Baseten's "A guide to LLM inference and
+#   performance", Llama 2 7B on an A10, and vLLM's own benchmarks); ~3 ms of fixed per-step overhead
+#   (scheduling, sampling, kernel launches).
+# - KV capacity: (24 GB x 0.9 utilisation - 13.4 GB weights) / 0.5 MiB ≈ 15,600 tokens ≈ 976 blocks of 16.
+# What that gives, and what a GPU looks like to the scheduler: a decode step costs ~36 ms for one sequence and
+# ~57 ms for a full cache (15 sequences at context 1,000: the weights dominate, the KV read comes second); a
+# 512-token prefill chunk ~0.14 s; memory, not compute, runs out. The model is linear (it adds the compute and
+# memory terms where a roofline would take the larger), so it overstates large decode batches a little.
+A10_BANDWIDTH_BPS = 600e9 * 0.70
+A10_FP16_FLOPS = 125e12 * 0.50
+LLAMA7B_PARAMS = 6.7e9
+LLAMA7B_LAYERS, LLAMA7B_HIDDEN = 32, 4096
+KV_BYTES_PER_TOKEN = 2 * LLAMA7B_LAYERS * LLAMA7B_HIDDEN * 2
+STEP_OVERHEAD_S = 0.003
+GPU_7B_KV_BLOCKS = 976
+
+
+def gpu_7b() -> StepCostModel:
+    """LLaMA-7B on an A10 as a linear step model (see the notes above; every coefficient is derived there)."""
+    return StepCostModel(
+        step_s=STEP_OVERHEAD_S + 2 * LLAMA7B_PARAMS / A10_BANDWIDTH_BPS,     # fp16 weights read once per step
+        tokens_s=2 * LLAMA7B_PARAMS / A10_FP16_FLOPS,                        # 2 FLOP per parameter per token
+        samples_s=0.00005,                                                   # logits of one row and a draw
+        decode_attn_s=KV_BYTES_PER_TOKEN / A10_BANDWIDTH_BPS,                # the KV read per context token
+        prefill_attn_s=4 * LLAMA7B_LAYERS * LLAMA7B_HIDDEN / A10_FP16_FLOPS)  # QK^T and AV per token pair
+
+
+COST_MODELS = ("cpu", "gpu-7b")
+
+
+def load_cost_model(name: str) -> StepCostModel:
+    """`cpu`: the model fitted to the native engine on this machine (step_costs.json); `gpu-7b`: `gpu_7b()`."""
+    if name == "cpu":
+        return StepCostModel.load()
+    if name == "gpu-7b":
+        return gpu_7b()
+    raise ValueError(f"cost model: unknown {name!r}; choose one of {', '.join(COST_MODELS)}")

@@ -10,6 +10,8 @@ left at 0; no policy reads them.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from instance.backend import LoadSnapshot, RequestInfo
 from instance.core import EngineCore
 from instance.request import Request
@@ -24,10 +26,10 @@ def _no_bytes(token_id: int) -> bytes:
 
 class SimInstance:
     def __init__(self, instance_id: str, num_blocks: int, block_size: int, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, cost: StepCostModel):
+                 max_num_seqs: int, max_model_len: int, cost: StepCostModel, clock: Callable[[], float]):
         self.instance_id = instance_id
         self.core = EngineCore(num_blocks, block_size, max_num_batched_tokens, max_num_seqs, max_model_len,
-                               vocab_size=1, token_bytes=_no_bytes)
+                               vocab_size=1, token_bytes=_no_bytes, clock=clock)
         self.cost = cost
         self.step: SchedulerOutput | None = None      # the step in flight
         self.busy_s = 0.0

@@ -8,13 +8,14 @@ from instance.backend import LoadSnapshot
 from orchestrator.policies.dispatch import Candidate, choose_instance, freeness, virtual_usage
 
 
-def load(free=100, running=0, waiting=0, demand=0, total=100, high=0, reserved=0, rest=0):
+def load(free=100, running=0, waiting=0, demand=0, total=100, high=0, reserved=0, rest=0, remaining=0):
     """`demand`: blocks the head of the queue needs; `rest`: what the other waiting requests need."""
     return LoadSnapshot(total_blocks=total, free_blocks=free, used_blocks=total - free - reserved,
                         reserved_blocks=reserved, block_size=16, num_running=running, num_waiting=waiting,
                         num_preempted=0, num_suspended=0, head_demand_blocks=demand,
                         waiting_demand_blocks=demand + rest, running_tokens=0, step_time_ms=0.0,
-                        tokens_per_s=0.0, num_preemptions_total=0, num_high_priority=high)
+                        tokens_per_s=0.0, num_preemptions_total=0, num_high_priority=high,
+                        remaining_output_tokens=remaining)
 
 
 def test_round_robin_takes_turns_in_id_order():
@@ -114,3 +115,12 @@ def test_an_overcommitted_instance_looks_less_free_the_more_requests_it_has():
     long_ = Candidate("long", load(free=0, running=2, waiting=8, demand=10))
     assert freeness(short) == -30 and freeness(long_) == -100
     assert choose_instance("freeness", [short, long_], 0, random.Random(0)) == "short"
+
+
+def test_expected_output_counts_the_blocks_running_requests_will_still_grow_into():
+    # same blocks and batch now; `long` has just started 2 x 400-token generations, `short` is nearly done
+    long = Candidate("long", load(free=60, running=2, remaining=800))
+    short = Candidate("short", load(free=58, running=2, remaining=32))
+    assert choose_instance("freeness", [long, short], 0, random.Random(0)) == "long"     # 60 > 58 free blocks
+    assert choose_instance("freeness", [long, short], 0, random.Random(0), output_weight=1.0) == "short"
+    assert virtual_usage(long.load, output_weight=0.5) == pytest.approx(40 + 0.5 * 800 / 16)

@@ -17,7 +17,7 @@ def req(rid, tokens=32, status="running", out=8, max_tokens=256, computed=None, 
                        priority=priority, num_preemptions=preemptions)
 
 
-def inst(iid, free, *reqs, total=100, accepting=True, out=0, in_=0, draining=False):
+def inst(iid, free, *reqs, total=100, accepting=True, out=0, in_=0, draining=False, head_wait=0.0):
     """An instance whose load agrees with its requests: counts and waiting demand come from `reqs`."""
     waiting = [r for r in reqs if r.status == "waiting"]
     load = LoadSnapshot(total_blocks=total, free_blocks=free, used_blocks=total - free, reserved_blocks=0,
@@ -27,7 +27,8 @@ def inst(iid, free, *reqs, total=100, accepting=True, out=0, in_=0, draining=Fal
                         head_demand_blocks=-(-waiting[0].num_tokens // BS) if waiting else 0,
                         waiting_demand_blocks=sum(-(-r.num_tokens // BS) for r in waiting),
                         running_tokens=0, step_time_ms=0.0, tokens_per_s=0.0, num_preemptions_total=0,
-                        num_high_priority=sum(r.priority > 0 and r.status != "suspended" for r in reqs))
+                        num_high_priority=sum(r.priority > 0 and r.status != "suspended" for r in reqs),
+                        head_wait_s=head_wait if waiting else 0.0)
     return InstanceState(iid, load, tuple(reqs), accepting=accepting, migrations_out=out, migrations_in=in_,
                          draining=draining)
 
@@ -232,3 +233,42 @@ def test_a_request_that_just_moved_stays_put_for_the_request_cooldown():
     assert plan_migrations(instances, cfg, 100.0, {}, settled) == []
     draining = inst("a", 10, req("r37", 37), draining=True)   # a drain moves it anyway
     assert [m.request_id for m in plan_migrations([draining, inst("b", 100)], cfg, 100.0, {}, settled)] == ["r37"]
+
+
+def fragmented():
+    """Two instances with 40 free blocks each: a 56-block prompt queued on `a` fits on neither, though the two
+    together have room; neither is free enough (freeness 20 < 24) to be an ordinary destination."""
+    a = inst("a", 40, req("a-big", 640), req("a-small", 320), req("w", 896, status="waiting"))
+    b = inst("b", 40, req("b1", 480), req("b2", 480))
+    return [a, b]
+
+
+def test_defrag_makes_room_for_a_queue_head_that_fits_nowhere():
+    assert plan(fragmented()) == []                                       # ordinary rebalancing finds nothing
+    moves = plan_migrations(fragmented(), MigrationPolicyConfig(defrag=True), 100.0, {})
+    # a's largest running request (40 blocks) does not fit on b (40 - 40 < 4 headroom); its 20-block one does,
+    # and then a has 60 free blocks for the 56-block head and one block for its one running request to grow into
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [("a-small", "a", "b")]
+    assert moves[0].reason.startswith("defrag: making room for a 56-block prompt on a")
+
+
+def test_defrag_does_nothing_when_the_head_fits_somewhere_or_no_room_can_be_made():
+    a, b = fragmented()
+    roomy = inst("b", 70, req("b1", 480))                                 # the head fits on b: ordinary moves
+    assert [m.request_id for m in plan_migrations([a, roomy], MigrationPolicyConfig(defrag=True), 100.0, {})] \
+        == ["w"]
+    full = inst("b", 10, req("b1", 480), req("b2", 480))                  # nowhere to put a's requests
+    assert plan_migrations([a, full], MigrationPolicyConfig(defrag=True), 100.0, {}) == []
+
+
+def test_a_queue_head_that_waited_long_goes_where_it_is_admitted_now_whatever_the_freeness():
+    a = inst("a", 30, req("a1", 640), req("w", 320, status="waiting"), head_wait=2.5)   # 20-block head
+    b = inst("b", 40, req("b1", 480), req("b2", 480))          # freeness 20: no ordinary destination
+    assert plan([a, b]) == []
+    cfg = MigrationPolicyConfig(queue_delay_s=2.0)
+    moves = plan_migrations([a, b], cfg, 100.0, {})
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [("w", "a", "b")]
+    assert moves[0].reason == "the head of a's queue has waited 2.5 s; b admits it now (20 blocks)"
+    assert plan([inst("a", 30, req("a1", 640), req("w", 320, status="waiting"), head_wait=1.0), b], cfg) == []
+    tight = inst("b", 25, req("b1", 480), req("b2", 480))      # 20 blocks + 2 running + 4 headroom > 25
+    assert plan([a, tight], cfg) == []

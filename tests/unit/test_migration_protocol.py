@@ -258,6 +258,51 @@ class SteppingSource(Source):
         return await super().snapshot(rid)
 
 
+def fill(engine: Engine) -> list[str]:
+    """Dispatch prompts onto `engine` until none of its blocks is free, as a burst of arrivals would."""
+    fillers = []
+    while (free := engine.load().free_blocks) > 0:
+        rid = f"filler-{len(fillers)}"
+        blocks = min(free - engine.load().num_running, 128)
+        engine.add_request(rid, prompt_token_ids=[9] * (4 * blocks), params=SamplingParams(max_tokens=4))
+        engine.step()
+        fillers.append(rid)
+        if engine.load().num_waiting:
+            break
+    return fillers
+
+
+@pytest.mark.parametrize("upfront", [True, False])
+def test_a_destination_filled_after_the_migration_starts(reference, upfront):
+    """With reserve_upfront the blocks the whole request needs are set aside before the first copy, so
+    dispatches that fill the destination during the pre-copy cannot make it abort; without, they do."""
+    src, dst = SteppingSource(Engine(**ENGINE)), Destination(Engine(**{**ENGINE, "num_blocks": 128}))
+    p = [random.Random(4).randrange(256) for _ in range(120)]
+    src.engine.add_request("r", prompt_token_ids=p, params=PARAMS)
+    for _ in range(3):
+        src.streamed += [t for o in src.engine.step() for t in o.new_token_ids]
+    fillers, free_after = [], []
+
+    def burst():                                                       # a burst lands during stage 1
+        fillers.extend(fill(dst.engine))
+        free_after.append(dst.engine.load().free_blocks)
+
+    src.hooks["export"] = burst
+    config = CONFIG.model_copy(update={"reserve_upfront": upfront})
+    record = MigrationRecord("m1", "r", "src", "dst")
+    asyncio.run(migrate_out(src, dst, RayObjectStoreTransport(), record, config))
+    assert fillers and free_after == [0]
+    for rid in fillers:
+        dst.engine.abort(rid)
+    if upfront:
+        assert record.state is MigrationState.COMMITTED, record.reason
+        assert src.streamed + finish(dst.engine) == reference.generate([p], PARAMS)[0].new_token_ids
+    else:
+        assert record.state is MigrationState.ABORTED_DST and "cannot reserve" in record.reason
+        assert src.streamed + finish(src.engine) == reference.generate([p], PARAMS)[0].new_token_ids
+    assert_clean(src.engine, dst.engine)
+
+
 def test_a_hand_over_copies_the_prompt_during_its_prefill_and_leaves_after_the_first_token(reference):
     src, dst = SteppingSource(Engine(**ENGINE)), Destination(Engine(**ENGINE))
     p = [random.Random(3).randrange(256) for _ in range(300)]        # 5 prefill steps of 64 tokens

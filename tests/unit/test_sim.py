@@ -20,14 +20,14 @@ def test_a_simulated_instance_admits_preempts_and_reports_load_exactly_like_the_
     cfg = dict(block_size=4, num_blocks=24, max_num_batched_tokens=16, max_num_seqs=4)
     engine = Engine(model="tiny-llama", max_model_len=64, **cfg)
     sim = SimInstance("s", cfg["num_blocks"], cfg["block_size"], cfg["max_num_batched_tokens"],
-                      cfg["max_num_seqs"], 64, COST)
+                      cfg["max_num_seqs"], 64, COST, clock=lambda: 0.0)
     rng = random.Random(3)
     shapes = [(rng.randint(3, 30), rng.randint(2, 20), rng.choice((0, 0, 1))) for _ in range(10)]
     for i, (prompt, out, prio) in enumerate(shapes):
         engine.add_request(f"r{i}", prompt_token_ids=[5] * prompt, priority=prio, arrival_time=float(i),
                            params=SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True))
         sim.add(f"r{i}", prompt, out, prio, float(i))
-    timing = ("step_time_ms", "tokens_per_s")
+    timing = ("step_time_ms", "tokens_per_s", "head_wait_s")     # on each one's own clock
     steps = 0
     while engine.has_unfinished():
         engine.step()
@@ -45,7 +45,7 @@ def test_a_simulated_instance_admits_preempts_and_reports_load_exactly_like_the_
 
 
 def test_step_cost_is_linear_in_the_work_the_scheduler_decided():
-    inst = SimInstance("s", 64, 4, 32, 8, 64, COST)
+    inst = SimInstance("s", 64, 4, 32, 8, 64, COST, clock=lambda: 0.0)
     inst.add("long", 20, 5, 0, 0.0)
     seconds = inst.start_step()                                 # a 20-token prefill chunk, context end 20
     assert seconds == pytest.approx(0.01 + 0.001 * 20 + 0.0005 + 1e-7 * 20 * 20)
