@@ -28,6 +28,13 @@ CVs. The last line is the geometric mean over CVs of the P99 TTFT ratios:
     p99_ttft_ratio_rr_over_tidal=<x> p99_ttft_ratio_leastload_over_tidal=<y>
 Goals (issue 7): >= 10 and >= 2.
 
+`--sweep`: instead, the sweep of `benchmarks/sim_sweep.py` (rates from light load past saturation x `--grid-cvs`
+x `--lengths` x `--grid-instances`, four policies, an ablation of each policy lever and the priority runs at
+each curve's knee), with `--cost-model cpu` (the fitted CPU model above) or `gpu-7b` (LLaMA-7B on an A10-class
+GPU from datasheet arithmetic, orchestrator/sim/cost_model.py), `--plot PNG`, and `--sensitivity` (the knee
+ratios as the GPU model's constants move). Last line:
+    p99_ttft_ratio_rr_over_tidal=<x> leastload_over_tidal=<y> high_priority_speedup=<z>
+
 `--priorities`: instead, Tidal with and without priorities on the same workload where `--high-share` (10%) of
 the requests have priority 1: mean end-to-end latency of each class, the high class's speedup (mean e2e with
 all requests at priority 0 / with priorities) and the normal class's cost. Last line:

@@ -20,6 +20,13 @@ A request that rebalancing moved stays where it went for `request_cooldown_s` (t
 request last moved, `moved_at`): on a loaded cluster the snapshots lag the moves, and without it a request
 can bounce between two instances, paying the hand-over each time.
 
+Two more levers, off by default (the simulator's sweep measures each, `benchmarks/sim_sweep.py`):
+- queueing delay (`queue_delay_s`): an instance whose queue head has waited that long is a source whatever its
+  freeness, and the head goes to the freest instance it fits on (a lagging snapshot cannot hide a stuck queue);
+- de-fragmentation (`defrag`): when a queue's head fits on no instance although the cluster's free blocks
+  would hold it, running requests move off the instance with the most free blocks to others with room, until the
+  head fits there (Llumnix's de-fragmentation; it only runs in a round that found no ordinary move).
+
 Pure: the clock comes in as `now`, `last_move_at` and `moved_at`; the caller records them for the moves it
 carries out. The caller also leaves out of `InstanceState.requests` any request already being migrated (it
 still runs on the source while its blocks are pre-copied). All instances are assumed to share one block size.
@@ -250,27 +257,32 @@ def _admissible(inst: InstanceState, need: int) -> bool:
 
 def plan_defrag(instances: list[InstanceState], cfg: MigrationPolicyConfig,
                 settled: frozenset[str] = frozenset()) -> list[PlannedMove]:
-    """De-fragmentation (Llumnix's virtual usage of the queue head, acted on deliberately): when the head of an
-    instance's queue fits on no accepting instance, make room for it on the one where the fewest blocks have to
-    move — its running requests, largest first, go to instances with room — and, if the head waits elsewhere,
-    move it there too. [] when every head fits somewhere (ordinary rebalancing moves waiting requests) or no
-    room can be made this round."""
+    """De-fragmentation (Llumnix's virtual usage of the queue head, acted on deliberately). For the head of an
+    instance's queue that its own instance cannot admit now: if another accepting instance with an empty queue
+    admits it, the head moves there; if none does, room is made for it — its running requests, largest first, go to
+    instances with room — on its own instance if that can be done within `max_moves`, else on the instance with
+    the most free blocks, and the head follows in a later round, once those moves have landed (moving it in the same round would race them for the blocks). [] when
+    every head is admitted at home or no room can be made this round."""
     accepting = [i for i in instances if i.accepting and not i.draining]
     heads = [(i, _waiting_in_queue_order(i)[0]) for i in instances
              if i.load.num_waiting and i.load.head_demand_blocks > 0 and _waiting_in_queue_order(i)]
     for home, head in sorted(heads, key=lambda h: -h[0].load.head_demand_blocks):
         need = home.load.head_demand_blocks
-        if any(_admissible(o, need) for o in accepting):
+        if _admissible(home, need) or head.request_id in settled:
             continue
-        for target in sorted(accepting, key=lambda o: (-(o.load.free_blocks - o.load.num_running), o.instance_id)):
+        there = [o for o in accepting if o is not home and o.load.num_waiting == 0 and _admissible(o, need)]
+        if there:
+            dst = min(there, key=lambda o: (-_room(o), o.instance_id))
+            return [PlannedMove(head.request_id, home.instance_id, dst.instance_id,
+                                f"defrag: the head of {home.instance_id}'s queue ({need} blocks) is admitted on "
+                                f"{dst.instance_id}")]
+        if any(_admissible(o, need) for o in accepting):
+            continue        # admitted where another queue waits: that queue goes first
+        for target in sorted(accepting, key=lambda o: (o is not home, -(o.load.free_blocks - o.load.num_running),
+                                                       o.instance_id)):
             moves = _make_room(target, need, [o for o in accepting if o is not target], cfg, settled)
-            if moves is None:
-                continue
-            if home.instance_id != target.instance_id:
-                moves.append(PlannedMove(head.request_id, home.instance_id, target.instance_id,
-                                         f"defrag: the head of {home.instance_id}'s queue ({need} blocks) fits nowhere; "
-                                         f"room made on {target.instance_id}"))
-            return moves
+            if moves is not None:
+                return moves
     return []
 
 

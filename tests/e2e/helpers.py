@@ -53,6 +53,16 @@ class Client:
             time.sleep(0.02)
         raise AssertionError(f"{instance_id} never reached the expected load: {self.instances()[instance_id]}")
 
+    def wait_until(self, predicate, timeout: float = 10.0) -> dict:
+        """Every instance's load (instance id -> load) once `predicate(loads)` holds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            loads = {i: v.load for i, v in self.instances().items()}
+            if predicate(loads):
+                return loads
+            time.sleep(0.02)
+        raise AssertionError(f"the instances never reached the expected loads: {self.instances()}")
+
     def wait_all_blocks_free(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

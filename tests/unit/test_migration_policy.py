@@ -261,6 +261,21 @@ def test_defrag_does_nothing_when_the_head_fits_somewhere_or_no_room_can_be_made
     assert plan_migrations([a, full], MigrationPolicyConfig(defrag=True), 100.0, {}) == []
 
 
+def test_defrag_makes_room_elsewhere_first_and_the_head_follows_in_a_later_round():
+    # the head waits on `a`, whose running request fits nowhere else, and so does `c`'s; `b`'s large one goes to
+    # `c`, and only in the next round (once that move has landed) does the head go to `b`
+    a = inst("a", 44, req("a1", 800), req("w", 896, status="waiting"))
+    b = inst("b", 30, req("b-big", 640), req("b-small", 320))
+    c = inst("c", 45, req("c1", 880))
+    cfg = MigrationPolicyConfig(defrag=True, target_freeness=1000)
+    moves = plan_migrations([a, b, c], cfg, 100.0, {})
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [("b-big", "b", "c")]
+    landed_b, landed_c = inst("b", 70, req("b-small", 320)), inst("c", 5, req("c1", 880), req("b-big", 640))
+    moves = plan_migrations([a, landed_b, landed_c], cfg, 101.0, {})
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [("w", "a", "b")]
+    assert moves[0].reason == "defrag: the head of a's queue (56 blocks) is admitted on b"
+
+
 def test_a_queue_head_that_waited_long_goes_where_it_is_admitted_now_whatever_the_freeness():
     a = inst("a", 30, req("a1", 640), req("w", 320, status="waiting"), head_wait=2.5)   # 20-block head
     b = inst("b", 40, req("b1", 480), req("b2", 480))          # freeness 20: no ordinary destination
