@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ import grpc
 from instance.limits import MAX_MODEL_LEN_CAP
 from orchestrator.bench.report import format_table
 from orchestrator.config import DEFAULT_PORT, ConfigError, default_addr, load_config
+from orchestrator.security import add_connection_args, client_channel, exposure_warning
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -59,6 +61,12 @@ def _add_serve(sub) -> None:
                    "--instances defaults to prefill + decode, any more do both")
     p.add_argument("--pd-adaptive", action="store_true", default=None,
                    help="switch instances between prefill and decode by which one is the bottleneck")
+    p.add_argument("--api-key-file", help="data-plane API keys, one per line (also $TIDAL_API_KEYS, comma-separated)")
+    p.add_argument("--admin-key-file", help="admin keys, one per line (also $TIDAL_ADMIN_KEYS)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    p.add_argument("--audit-log", help="append a JSON line per admin call to this file")
 
 
 def _add_client(sub) -> None:
@@ -93,6 +101,9 @@ def _add_client(sub) -> None:
     for p in (d, u, r, m, sr, sc):
         p.add_argument("--addr", default=default_addr())
         p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+    for p in (g, s, d, u, r, m, sr, sc):
+        add_connection_args(p)
+
 
 
 def _add_bench(sub) -> None:
@@ -124,6 +135,10 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    warning = exposure_warning(config.host, config.security)
+    if warning:
+        print(f"tidal: {warning}", file=sys.stderr, flush=True)
+        logging.getLogger("tidal.security").warning(warning)
     print(f"tidal: starting {config.instances} x {config.engine.model} on "
           f"{config.ray_address or 'a local Ray'} ...", flush=True)
     try:
@@ -144,8 +159,11 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _channel(addr: str) -> grpc.Channel:
-    return grpc.insecure_channel(addr)
+def _channel(args) -> grpc.Channel:
+    try:
+        return client_channel(args.addr, args.api_key, args.tls, args.tls_ca, args.tls_cert, args.tls_key)
+    except ValueError as e:
+        raise SystemExit(f"tidal {args.command}: {e}") from None
 
 
 def _rpc_failed(cmd: str, addr: str, e: grpc.RpcError) -> int:
@@ -170,7 +188,7 @@ def cmd_generate(args) -> int:
         req.prompt = args.prompt
     if args.seed is not None:
         req.seed = args.seed
-    with _channel(args.addr) as ch:
+    with _channel(args) as ch:
         try:
             for chunk in generation_pb2_grpc.GenerationServiceStub(ch).Generate(req, timeout=args.timeout):
                 sys.stdout.write(chunk.text)
@@ -201,7 +219,7 @@ def cmd_status(args) -> int:
 
     from tidal.v1 import admin_pb2, admin_pb2_grpc
 
-    with _channel(args.addr) as ch:
+    with _channel(args) as ch:
         try:
             resp = admin_pb2_grpc.AdminServiceStub(ch).ListInstances(admin_pb2.ListInstancesRequest(), timeout=10)
         except grpc.RpcError as e:
@@ -272,7 +290,7 @@ def format_migrations(records) -> str:
 def _admin(args, method: str, request):
     from tidal.v1 import admin_pb2_grpc
 
-    with _channel(args.addr) as ch:
+    with _channel(args) as ch:
         return getattr(admin_pb2_grpc.AdminServiceStub(ch), method)(request, timeout=args.timeout)
 
 

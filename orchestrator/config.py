@@ -20,6 +20,7 @@ from migration.protocol import MigrationConfig
 from orchestrator.policies.autoscale import AutoscaleConfig
 from orchestrator.policies.migration import MigrationPolicyConfig
 from orchestrator.policies.pd import AdaptiveConfig
+from orchestrator.security import CLIENT_KEY_ENV, SecurityConfig, keys_from_env
 from rpc import Deadlines
 
 DEFAULT_PORT = 50051
@@ -28,6 +29,11 @@ TRACE_DIR_ENV = "TIDAL_TRACE_DIR"
 
 def default_addr() -> str:
     return os.environ.get("TIDAL_ADDR", f"127.0.0.1:{DEFAULT_PORT}")
+
+
+def default_api_key() -> str | None:
+    """The key client commands send (`authorization: Bearer …`) unless --api-key is given."""
+    return os.environ.get(CLIENT_KEY_ENV) or None
 
 
 def trace_dir_override() -> str | None:
@@ -99,6 +105,7 @@ class ServeConfig(BaseModel):
     decode_instances: int = Field(0, ge=0, le=256, description="instances that take hand-overs and decode")
     pd: PdConfig = Field(default_factory=PdConfig)
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -146,15 +153,19 @@ class ServeConfig(BaseModel):
         return f"{self.deployment}-{role}"
 
 
-FLAG_SECTIONS = {"pd_adaptive": ("pd", "adaptive")}     # `tidal serve` flags whose setting lives in a section
+# `tidal serve` flags whose setting lives in a section
+FLAG_SECTIONS = {"pd_adaptive": ("pd", "adaptive"),
+                 **{f: ("security", f) for f in ("api_key_file", "admin_key_file", "tls_cert", "tls_key",
+                                                  "tls_client_ca", "audit_log")}}
 
 
 class ConfigError(ValueError):
     """A config file or flag a user can fix."""
 
 
-def load_config(path: str | os.PathLike | None, overrides: dict) -> ServeConfig:
-    """The file's settings (YAML or TOML), then the flags given on the command line on top."""
+def load_config(path: str | os.PathLike | None, overrides: dict, env=os.environ) -> ServeConfig:
+    """The file's settings (YAML or TOML), then the flags given on the command line on top, then the keys in
+    the environment (TIDAL_API_KEYS, TIDAL_ADMIN_KEYS), added to the configured ones."""
     data: dict = {}
     if path:
         p = Path(path)
@@ -178,6 +189,12 @@ def load_config(path: str | os.PathLike | None, overrides: dict) -> ServeConfig:
             data[section] = {**(data.get(section) or {}), field: value}
         else:
             data[key] = value
+    extra_keys = keys_from_env(env)
+    if extra_keys:
+        security = dict(data.get("security") or {})
+        for field, hashes in extra_keys.items():
+            security[field] = tuple(security.get(field) or ()) + hashes
+        data["security"] = security
     try:
         return ServeConfig(engine=EngineConfig(**engine), **data)
     except ValidationError as e:

@@ -39,6 +39,7 @@ from orchestrator.errors import AdminError
 from orchestrator.fleet import DEAD, SERVING, STARTING, InstanceView
 from orchestrator.policies.dispatch import Candidate, choose_instance
 from orchestrator.policies.pd import ROLES, takes_prompts
+from orchestrator.security import Auditor, AuthInterceptor, Authenticator, server_credentials
 from rpc import ActorDead, ActorTimeout, BackgroundTasks, Call, Rejected
 from rpc.frontend import FrontendClient
 from rpc.instance import InstanceClient
@@ -148,13 +149,17 @@ class Frontend:
             return self.port
         self.me = FrontendClient.current(self.name, self.config.deadlines)
         self.scheduler = scheduler
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        security = self.config.security
+        auth = Authenticator.from_config(security)          # a key file it cannot read fails the start
+        creds = server_credentials(security)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                                 interceptors=[AuthInterceptor(auth, Auditor(security.audit_log))])
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         addr = f"{self.config.host}:{self.config.port}"
-        self.port = server.add_insecure_port(addr)
+        self.port = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {addr}: is the port in use? pick another with --port")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -162,7 +167,9 @@ class Frontend:
         self.server = server
         await self.update_instances(await scheduler.register_frontend(self.name, self.me))
         self._watchdog = self.tasks.spawn("scheduler watchdog", self._watch_scheduler())
-        log.info("frontend %s listening on %s:%d", self.name, self.config.host, self.port)
+        log.info("frontend %s listening on %s:%d (%s; %s)", self.name, self.config.host, self.port,
+                 "TLS" + (", client certificates required" if security.tls_client_ca else "") if creds else "plaintext",
+                 f"{len(auth.api)} API keys, {len(auth.admin)} admin keys" if auth.enabled else "no keys: open")
         return self.port
 
     async def _watch_scheduler(self) -> None:

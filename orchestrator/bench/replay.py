@@ -25,6 +25,7 @@ import grpc
 from orchestrator.bench.schedule import PlannedRequest, build_schedule, parse_priority_mix
 from orchestrator.bench.stats import CANCELLED, OK, RequestRecord, Slo
 from orchestrator.config import default_addr
+from orchestrator.security import add_connection_args, client_credentials, client_metadata
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -57,6 +58,7 @@ def add_parser(sub) -> None:
     arg("--connect-timeout", metavar="S", type=float, default=10.0, help="wait this long for the server (default 10)")
     arg("--slo-ttft-ms", metavar="MS", type=float, default=1000.0, help="goodput's bound on TTFT (default 1000)")
     arg("--slo-tpot-ms", metavar="MS", type=float, default=100.0, help="goodput's bound on TPOT (default 100)")
+    add_connection_args(p)
     arg("--output", metavar="FILE", help="FILE.json: the summary and every request; FILE.csv: one row a request")
     arg("--plot", metavar="FILE", help="draw the latency CDFs to FILE.png")
     arg("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -150,8 +152,10 @@ class Progress:
 class Replay:
     """Sends a plan's requests on schedule over one channel and records their streams."""
 
-    def __init__(self, plan: list[PlannedRequest], prompts: PromptSource, timeout_s: float, progress: Progress):
+    def __init__(self, plan: list[PlannedRequest], prompts: PromptSource, timeout_s: float, progress: Progress,
+                 metadata: tuple[tuple[str, str], ...] = ()):
         self.plan, self.prompts, self.timeout_s, self.progress = plan, prompts, timeout_s, progress
+        self.metadata = metadata            # the API key, when the server wants one
         run_id = uuid.uuid4().hex[:8]
         self.records = [RequestRecord(index=p.index, scheduled_s=p.at_s, prompt_tokens=p.prompt_tokens,
                                       max_tokens=p.output_tokens, priority=p.priority,
@@ -197,7 +201,7 @@ class Replay:
 
         req = _request(p, self.prompts.ids(p.index, p.prompt_tokens), r.request_id)
         r.sent_s = self._now()
-        call = stub.Generate(req, timeout=self.timeout_s)
+        call = stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata)
         try:
             async for resp in call:
                 now = self._now()
@@ -226,7 +230,8 @@ class Replay:
             self.progress.finished(r)
 
 
-async def _run(replay: Replay, addr: str, connect_timeout_s: float) -> bool:
+async def _run(replay: Replay, addr: str, connect_timeout_s: float,
+               credentials: grpc.ChannelCredentials | None = None) -> bool:
     """Replays; False when the run was interrupted. Raises ConnectionError when no server answers."""
     loop = asyncio.get_running_loop()
     interrupted = False
@@ -247,7 +252,8 @@ async def _run(replay: Replay, addr: str, connect_timeout_s: float) -> bool:
         except (NotImplementedError, RuntimeError, ValueError):   # not the main thread, or no signals here
             pass
     try:
-        async with grpc.aio.insecure_channel(addr) as channel:
+        channel = grpc.aio.secure_channel(addr, credentials) if credentials else grpc.aio.insecure_channel(addr)
+        async with channel:
             try:
                 await asyncio.wait_for(channel.channel_ready(), connect_timeout_s)
             except asyncio.TimeoutError:
@@ -323,9 +329,11 @@ def cmd_replay(args) -> int:
     progress = Progress(len(plan), enabled=not args.no_progress)
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
-        replay = Replay(plan, prompts, args.timeout, progress)
-        completed = asyncio.run(_run(replay, args.addr, args.connect_timeout))
-    except ConnectionError as e:
+        credentials = (client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+                       if args.tls or args.tls_ca or args.tls_cert else None)
+        replay = Replay(plan, prompts, args.timeout, progress, client_metadata(args.api_key))
+        completed = asyncio.run(_run(replay, args.addr, args.connect_timeout, credentials))
+    except (ConnectionError, ValueError) as e:
         print(f"{name}: {e}", file=sys.stderr)
         return EXIT_FAILED
     run.update(started_at=started.isoformat(timespec="seconds"), interrupted=not completed)
