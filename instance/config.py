@@ -41,6 +41,9 @@ class EngineConfig(BaseModel):
                                                       "experts behind a seeded router (0 = off; smollm2-135m-moe: 4)")
     upcycle_top_k: int = Field(1, ge=1, description="experts each token is routed to when upcycling; with 1 the "
                                                     "output equals the dense model's")
+    deterministic: bool = Field(False, description="every token's logits independent of its batch, chunking and "
+                                               "prefill vs decode, bit for bit (padded products and chunked "
+                                               "attention; instance/model/llama.py)")
 
     @model_validator(mode="after")
     def _top_k_within_experts(self):

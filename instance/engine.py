@@ -57,6 +57,7 @@ class Engine(EngineBackend):
                                frozenset(self.tokenizer.eos_token_ids), seed=config.seed)
         self.kv = KVCacheTensors(arch.num_layers, num_blocks, config.block_size, arch.num_kv_heads,
                                  arch.head_dim, dtype, config.device)
+        loaded.model.set_deterministic(config.deterministic)
         self.runner = ModelRunner(loaded.model, self.kv, config.device)
         self._gen_rng = random.Random(config.seed)
         self._steps: deque[tuple[float, float, int]] = deque(maxlen=_STATS_WINDOW)  # (end, seconds, tokens)

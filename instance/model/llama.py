@@ -6,6 +6,16 @@ untied embeddings, optional q/k/v bias (Qwen2), optional q/k RMSNorm per head (Q
 projection (OLMoE), and a sparse MoE block in place of the MLP (moe.py). Tokens of all requests in a step are
 flattened into one [T, hidden] batch for the dense layers; attention runs per group: all decode tokens
 together, each prefill chunk on its own.
+
+Deterministic mode (`LlamaModel.set_deterministic`): a row's result depends only on its own inputs, never on
+which rows share its batch, how its prompt was chunked, or whether it was prefilled or decoded. Measured on
+torch's CPU build (tests/unit/test_determinism.py keeps it so): BLAS takes another kernel for products with
+fewer than 4 rows (fewer than 12 on two threads), so no product here sees fewer than MIN_ROWS rows (shorter
+inputs are padded); pointwise ops and row reductions are row-local already; and attention is our own
+(`_exact_attention`): keys read from the cache after the new ones are written, scores and the weighted sum of
+values computed in chunks of KV_CHUNK keys counted from position 0 with fixed-shape products, so keys past a
+row's position contribute exact zeros and a decode row meets the same float operations as the same row in a
+prefill chunk.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instance.model.exact import (KV_CHUNK, MIN_ROWS, Linear, chunk_multiple, chunked_attention, padded_keys,
+                                  padded_rows)
 from instance.model.experts import SwiGLU
 from instance.model.moe import MoEArch, SparseMoE
 
@@ -117,8 +129,9 @@ class Attention(nn.Module):
         self.num_kv_heads = arch.num_kv_heads
         self.head_dim = arch.head_dim
         q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, q + 2 * kv, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(q, arch.hidden_size, bias=False)
+        self.qkv_proj = Linear(arch.hidden_size, q + 2 * kv, bias=arch.attention_bias)
+        self.o_proj = Linear(q, arch.hidden_size, bias=False)
+        self.exact = False                                # deterministic mode: _exact_attention
         self.scale = arch.head_dim ** -0.5
         self.qk_norm = arch.qk_norm
         if arch.qk_norm is not None:
@@ -145,6 +158,9 @@ class Attention(nn.Module):
         v_cache.view(-1, kvh, d).index_copy_(0, batch.slot_mapping, v)
 
         out = torch.empty(t, h, d, dtype=x.dtype, device=x.device)
+        if self.exact:
+            self._exact_attention(q, k_cache, v_cache, out, batch)
+            return self.o_proj(out.view(t, h * d))
         nd = batch.num_decodes
         if nd:
             flat = batch.decode_block_tables.view(-1)      # index_select: several times faster than k_cache[tables]
@@ -173,6 +189,35 @@ class Attention(nn.Module):
         return self.o_proj(out.view(t, h * d))
 
 
+    def _exact_attention(self, q, k_cache, v_cache, out, batch: AttentionBatch) -> None:
+        """Attention whose result for a row is the same in any batch, chunking, prefill or decode."""
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        g = h // kvh
+        nd = batch.num_decodes
+        if nd:
+            flat = batch.decode_block_tables.view(-1)
+            length = chunk_multiple(batch.decode_block_tables.shape[1] * k_cache.shape[1])
+            kd = padded_keys(k_cache.index_select(0, flat).view(nd, -1, kvh, d), length).permute(0, 2, 1, 3)
+            vd = padded_keys(v_cache.index_select(0, flat).view(nd, -1, kvh, d), length).permute(0, 2, 1, 3)
+            allowed = batch.decode_mask.view(nd, 1, 1, -1)
+            allowed = torch.cat([allowed, allowed.new_zeros(nd, 1, 1, length - allowed.shape[-1])], -1)
+            qd = padded_rows(q[:nd].view(nd, kvh, g, d).permute(2, 0, 1, 3), max(g, MIN_ROWS))   # [m, nd, kvh, d]
+            od = chunked_attention(qd.permute(1, 2, 0, 3), kd, vd, allowed, self.scale)           # [nd, kvh, m, d]
+            out[:nd] = od[:, :, :g].reshape(nd, h, d)
+        for p in batch.prefills:
+            n, first = p.num_tokens, p.context_len - p.num_tokens
+            length = chunk_multiple(p.context_len)
+            kp = padded_keys(k_cache.index_select(0, p.block_table).view(-1, kvh, d), length).transpose(0, 1)
+            vp = padded_keys(v_cache.index_select(0, p.block_table).view(-1, kvh, d), length).transpose(0, 1)
+            rows = q[p.start:p.start + n].view(n, kvh, g, d).permute(0, 2, 1, 3)                  # [n, g, kvh, d]
+            qp = padded_rows(rows.reshape(n * g, kvh, d), MIN_ROWS).transpose(0, 1)            # [kvh, m, d]
+            pos = torch.arange(first, first + n, device=q.device).repeat_interleave(g)
+            pos = torch.cat([pos, pos.new_full((qp.shape[1] - pos.shape[0],), -1)])
+            allowed = torch.arange(length, device=q.device)[None, :] <= pos[:, None]                # [m, length]
+            op = chunked_attention(qp, kp, vp, allowed, self.scale)                                # [kvh, m, d]
+            out[p.start:p.start + n] = op[:, :n * g].view(kvh, n, g, d).permute(1, 0, 2, 3).reshape(n, h, d)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, index: int):
         super().__init__()
@@ -196,7 +241,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         cos, sin = rope_tables(arch, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -209,6 +254,14 @@ class LlamaModel(nn.Module):
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv, batch)
         return self.norm(x)
+
+    def set_deterministic(self, on: bool) -> None:
+        """Deterministic mode (module docstring): padded products and our own chunked attention."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.min_rows = MIN_ROWS if on else 0
+            if isinstance(m, Attention):
+                m.exact = on
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
