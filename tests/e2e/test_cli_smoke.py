@@ -20,7 +20,7 @@ def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "tidal-serve.log"
     log = open(log_path, "w+")
     proc = subprocess.Popen(
-        [TIDAL, "serve", "--model", "smollm2-135m", "--instances", "1", "--host", "127.0.0.1", "--port", "0",
+        [TIDAL, "serve", "--model", "smollm2-135m", "--instances", "1", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
          "--kv-cache-gib", "0.25", "--deployment", "smoke"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
