@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import urllib.error
 import urllib.request
+
+from pathlib import Path
 
 import httpx
 import openai
@@ -18,10 +21,12 @@ import pytest
 
 from instance.engine import Engine
 from instance.sampling import SamplingParams
-from tests.e2e.helpers import TINY, assert_resumed_identically, deployment, reference_with_margins, request, tokens_of
+from tests.e2e.helpers import TINY, assert_resumed_identically, deployment, reference_with_margins, tokens_of
+from tests.prometheus_server import PrometheusServer
 from tidal.v1 import admin_pb2
 
 MODEL = "tiny-llama"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tidal.json"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +34,13 @@ def served(ray_local):
     with deployment("e2e-http", restart_dead_instances=True, rebalance=dict(auto=False)) as c:
         c.base = f"http://127.0.0.1:{c.deployment.http_port}"
         yield c
+
+
+@pytest.fixture(scope="module")
+def prom(served, tmp_path_factory):
+    """A real Prometheus scraping the frontend's /metrics every second, from the module's first test on."""
+    with PrometheusServer(tmp_path_factory.mktemp("prometheus"), [served.base.removeprefix("http://")]) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +71,7 @@ def grpc_text(served, **fields) -> tuple[str, list]:
     return "".join(c.text for c in chunks), chunks
 
 
-def test_completions_streamed_and_whole_equal_the_grpc_stream(served, client):
+def test_completions_streamed_and_whole_equal_the_grpc_stream(served, client, prom):
     fields = dict(prompt="The tide comes in", max_tokens=24, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
     expected, chunks = grpc_text(served, **fields)
     whole = client.completions.create(model=MODEL, prompt=fields["prompt"], max_tokens=24, temperature=0.8,
@@ -218,3 +230,79 @@ def test_an_instance_killed_mid_stream_is_invisible_to_the_http_client(served, c
     while {v.state for v in served.deployment.scheduler.list_instances().result()} != {"serving"}:
         assert time.monotonic() < deadline, "the killed instance was not replaced"
         time.sleep(0.1)
+
+
+def test_a_deadline_gives_504_before_streaming_and_an_error_event_after(served, client):
+    got, err = post(served.base, "/v1/completions", {"model": MODEL, "prompt": "too slow", "max_tokens": 1000,
+                                                     "ignore_eos": True, "timeout": 0.3})
+    assert got == 504 and err["error"]["param"] == "timeout", err
+    stream = client.completions.create(model=MODEL, prompt="too slow", max_tokens=1000, stream=True,
+                                       extra_body={"ignore_eos": True, "timeout": 4.0})
+    text = []
+    with pytest.raises(openai.APIError) as e:
+        for event in stream:
+            text.append(event.choices[0].text)
+    assert text and "timeout" in e.value.message, e.value
+    served.wait_all_blocks_free(timeout=15)
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"].replace("$__rate_interval", "1m")) for p in panels for t in p.get("targets", [])]
+
+
+def test_prometheus_scrapes_every_metric_and_every_dashboard_panel_returns_data(served, prom):
+    served.admin.ListMigrations(admin_pb2.ListMigrationsRequest(), timeout=10)     # an admin op
+    queries = dashboard_queries()
+    assert len(queries) >= 20
+    used = {re.sub(r"_(bucket|total)$", "", m) for _, e in queries for m in re.findall(r"\btidal_[a-z0-9_]+", e)}
+    raw = [(name, name if name in GAUGES else f"{name}_total" if name in COUNTERS else f"{name}_count")
+           for name in sorted(used)]
+    assert set(GAUGES) | set(COUNTERS) | set(HISTOGRAMS) == used, "a metric the test does not know, or unused"
+    deadline = time.monotonic() + 60
+    while True:
+        missing = [(what, expr) for what, expr in [*queries, *raw] if not prom.query(expr)]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"no series after 60 s for: {missing}; targets {prom.targets_up()}"
+        time.sleep(1)
+    value = lambda expr: float(prom.query(expr)[0]["value"][1])  # noqa: E731
+    assert value('sum(tidal_requests_total{outcome="length"})') >= 8
+    assert value('sum(tidal_requests_total{outcome="invalid_argument"})') >= 5
+    assert value('sum(tidal_migrations_total{reason="operator", outcome="committed"})') >= 1
+    assert value('sum(tidal_failovers_total{outcome="resumed"})') >= 1
+    assert value("sum(tidal_migration_downtime_seconds_count)") >= 1
+    assert value('sum(tidal_admin_operations_total{op="migrate", outcome="ok"})') >= 1
+    assert value("sum(tidal_generation_tokens_total)") >= 1000
+    assert value("count(tidal_instance_up)") == 2
+    usage = [float(r["value"][1]) for r in prom.query("tidal_instance_kv_cache_usage")]
+    assert len(usage) == 2 and all(0 <= u <= 1 for u in usage)
+
+
+GAUGES = ("tidal_requests_running", "tidal_requests_waiting", "tidal_frontend_streams", "tidal_instance_up",
+          "tidal_instance_kv_cache_usage", "tidal_instance_requests_running", "tidal_instance_requests_waiting",
+          "tidal_instance_tokens_per_second")
+COUNTERS = ("tidal_requests", "tidal_prompt_tokens", "tidal_generation_tokens", "tidal_instance_preemptions",
+            "tidal_migrations", "tidal_failovers", "tidal_admin_operations")
+HISTOGRAMS = ("tidal_time_to_first_token_seconds", "tidal_inter_token_latency_seconds",
+              "tidal_e2e_request_latency_seconds", "tidal_request_queue_time_seconds",
+              "tidal_migration_downtime_seconds", "tidal_migration_duration_seconds", "tidal_reconcile_step_seconds")
+
+
+def test_health_is_503_and_streams_get_an_error_event_while_the_frontend_shuts_down(served, client):
+    stream = client.completions.create(model=MODEL, prompt="cut short", max_tokens=1000, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(stream)
+    shutdown = served.deployment.frontend.shutdown(0.5)
+    deadline = time.monotonic() + 10
+    while get(served.base, "/health")[0] != 503:
+        assert time.monotonic() < deadline, "/health still 200 while shutting down"
+        time.sleep(0.02)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=MODEL, prompt="too late", max_tokens=4)
+    assert e.value.status_code == 503
+    with pytest.raises(openai.APIError) as e:
+        for _ in stream:
+            pass
+    assert "shutting down" in e.value.message
+    assert shutdown.result() == 1
