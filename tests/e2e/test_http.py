@@ -226,10 +226,6 @@ def test_an_instance_killed_mid_stream_is_invisible_to_the_http_client(served, c
         finish = event.choices[0].finish_reason or finish
     assert finish == "length"
     assert_resumed_identically(ids, expected, margins, "http-fo")
-    deadline = time.monotonic() + 60
-    while {v.state for v in served.deployment.scheduler.list_instances().result()} != {"serving"}:
-        assert time.monotonic() < deadline, "the killed instance was not replaced"
-        time.sleep(0.1)
 
 
 def test_a_deadline_gives_504_before_streaming_and_an_error_event_after(served, client):
