@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -184,6 +185,10 @@ class Frontend:
 
     async def get_http_port(self) -> int:
         return self.http_port
+
+    async def pid(self) -> int:
+        """The frontend's process (for operators, and for benchmarks that read its CPU time)."""
+        return os.getpid()
 
     async def _watch_scheduler(self) -> None:
         """While the scheduler is down, serving goes on with the last instance table; once it is back (Ray

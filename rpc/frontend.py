@@ -55,6 +55,9 @@ class FrontendClient(ActorClient):
         """The port of its HTTP server (the OpenAI API and /metrics)."""
         return self._call("get_http_port")
 
+    def pid(self) -> Call[int]:
+        return self._call("pid")
+
     def is_serving(self) -> Call[bool]:
         return self._call("is_serving")
 

@@ -242,6 +242,20 @@ def test_a_deadline_gives_504_before_streaming_and_an_error_event_after(served, 
     served.wait_all_blocks_free(timeout=15)
 
 
+def test_bench_replay_over_http_records_every_token(served):
+    from instance.model.loader import load_tokenizer
+    from orchestrator.bench.replay import Progress, PromptSource, Replay, run_http
+    from orchestrator.bench.schedule import PlannedRequest
+
+    plan = [PlannedRequest(i, 0.05 * i, 20 + i, 12 + i) for i in range(6)]
+    replay = Replay(plan, PromptSource(load_tokenizer(MODEL), 30, 0), 60.0, Progress(len(plan), enabled=False))
+    replay.model = MODEL
+    asyncio.run(run_http(replay, served.base, 10.0))
+    assert [r.status for r in replay.records] == ["OK"] * 6, [r.error for r in replay.records]
+    assert [r.tokens for r in replay.records] == [p.output_tokens for p in plan]
+    assert all(r.finish_reason == "LENGTH" and r.chunk_times_s for r in replay.records)
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     panels = json.loads(DASHBOARD.read_text())["panels"]
     return [(p["title"], t["expr"].replace("$__rate_interval", "1m")) for p in panels for t in p.get("targets", [])]
