@@ -101,9 +101,13 @@ def build_app(fe: "Frontend") -> FastAPI:
         return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
     async def generate(request: Request, chat: bool):
-        body = decode_body(await read_body(request), request.headers.get("content-type"))
-        check_model(body, model)
-        parsed = parse(body, chat)
+        try:
+            body = decode_body(await read_body(request), request.headers.get("content-type"))
+            check_model(body, model)
+            parsed = parse(body, chat)
+        except ApiError as e:       # refused before the frontend saw it: counted here, as it counts its own
+            fe.metrics.requests.labels("not_found" if e.status == 404 else "invalid_argument").inc()
+            raise
         if not parsed.request.request_id:
             parsed.request.request_id = uuid.uuid4().hex
         fmt = Formatter(chat, parsed.request.request_id, model, parsed.return_token_ids)

@@ -45,6 +45,12 @@ def test_a_full_queue_is_429_and_no_serving_instance_is_503_in_openai_bodies():
                         {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 503 and "no instance" in body["error"]["message"], body
     assert not inst.calls                                # nothing was sent anywhere
+    status, body = call(fe, "POST", "/v1/completions", {"prompt": "no model"})
+    assert status == 400 and body["error"]["param"] == "model"
+    text = fe.metrics.exposition()[0].decode()
+    for outcome in ("resource_exhausted", "unavailable", "invalid_argument"):
+        assert f'tidal_requests_total{{outcome="{outcome}"}} 1.0' in text, text
+    assert 'tidal_instance_up{instance="instance-0",node="node",role="both",state="dead"} 1.0' in text
 
 
 def test_health_is_503_until_the_frontend_accepts_and_a_whole_answer_comes_back_once_it_does():
