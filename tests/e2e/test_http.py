@@ -183,7 +183,22 @@ def test_a_request_migrated_mid_stream_gives_one_continuous_answer(served, clien
     served.wait_all_blocks_free()
 
 
+def ended(base: str, outcome: str) -> float:
+    """tidal_requests_total{outcome=...} on the frontend's /metrics now."""
+    text = get(base, "/metrics")[1].decode()
+    found = re.search(rf'^tidal_requests_total{{outcome="{outcome}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_ended(base: str, outcome: str, at_least: float, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ended(base, outcome) < at_least:
+        assert time.monotonic() < deadline, f"no request ended {outcome} within {timeout} s"
+        time.sleep(0.05)
+
+
 def test_a_client_that_disconnects_aborts_its_request(served):
+    cancelled = ended(served.base, "cancelled")
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{served.base}/v1/completions",
                          json={"model": MODEL, "prompt": "leave early", "max_tokens": 900, "stream": True,
@@ -192,11 +207,13 @@ def test_a_client_that_disconnects_aborts_its_request(served):
             lines = r.iter_lines()
             got = [next(lines) for _ in range(6)]
             assert any(line.startswith("data: {") for line in got)
+    wait_ended(served.base, "cancelled", cancelled + 1)      # ended by the disconnect, not by its 900 tokens
     served.wait_all_blocks_free(timeout=15)
     # a whole (non-streamed) request whose client gives up is aborted too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{served.base}/v1/completions", timeout=1.0,
                    json={"model": MODEL, "prompt": "leave early", "max_tokens": 900, "ignore_eos": True})
+    wait_ended(served.base, "cancelled", cancelled + 2)
     served.wait_all_blocks_free(timeout=15)
 
 
@@ -286,7 +303,7 @@ def test_prometheus_scrapes_every_metric_and_every_dashboard_panel_returns_data(
     assert value("sum(tidal_generation_tokens_total)") >= 1000
     assert value("count(tidal_instance_up)") == 2
     usage = [float(r["value"][1]) for r in prom.query("tidal_instance_kv_cache_usage")]
-    assert len(usage) == 2 and all(0 <= u <= 1 for u in usage)
+    assert usage and all(0 <= u <= 1 for u in usage)       # the killed instance's replacement may be starting
 
 
 GAUGES = ("tidal_requests_running", "tidal_requests_waiting", "tidal_frontend_streams", "tidal_instance_up",
