@@ -4,8 +4,8 @@ One deployment (local Ray, one instance) serves the same requests — a stretch 
 trace at a fixed mean rate, lengths scaled to fit a CPU model, greedy with EOS ignored — with the `tidal bench
 replay` engine, alternately over gRPC (`Generate` streams) and over HTTP (streamed `/v1/completions`), `--rounds`
 times each. Reports TTFT and inter-token latency percentiles per path, and the frontend process's CPU time per
-streamed token (user + system, read from /proc before and after each run). The last line is HTTP's extra
-frontend CPU per token over gRPC's, in microseconds.
+streamed token (user + system, read from /proc before and after each run, less its idle rate). The last line
+is HTTP's extra frontend CPU per token over gRPC's, in microseconds.
 
     python -m benchmarks.http_vs_grpc [--model tiny-llama] [--requests 40] [--rate 4] [--rounds 2]
 """
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import time
 
 import grpc
 
@@ -46,9 +47,23 @@ def run_once(path: str, d, plan, prompts, model: str) -> tuple[list, float]:
                 await replay.run(channel)
 
     pid = d.frontend.pid().result()
-    before = cpu_s(pid)
+    before, t0 = cpu_s(pid), time.monotonic()
     asyncio.run(go())
-    return replay.records, cpu_s(pid) - before
+    return replay.records, cpu_s(pid) - before - idle_cpu_per_s(d) * (time.monotonic() - t0)
+
+
+_IDLE: dict[int, float] = {}
+
+
+def idle_cpu_per_s(d, seconds: float = 5.0) -> float:
+    """The frontend's CPU per second with no request (the instance table pushed every load_interval_s), measured
+    once and subtracted from each run, so what is left is what the requests cost."""
+    pid = d.frontend.pid().result()
+    if pid not in _IDLE:
+        before = cpu_s(pid)
+        time.sleep(seconds)
+        _IDLE[pid] = (cpu_s(pid) - before) / seconds
+    return _IDLE[pid]
 
 
 def main() -> None:
@@ -57,8 +72,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--rate", type=float, default=4.0, help="mean requests per second")
     ap.add_argument("--rounds", type=int, default=2, help="runs per path, alternating grpc, http, grpc, ...")
-    ap.add_argument("--max-prompt", type=int, default=256)
-    ap.add_argument("--max-output", type=int, default=128)
+    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--max-output", type=int, default=768)
     args = ap.parse_args()
 
     import ray
@@ -93,7 +108,7 @@ def main() -> None:
                          f"{per_token_us[path]:.0f}", str(runs[0][2])])
     print(f"{args.requests} requests of azure-conv at {args.rate:g}/s, {args.model}, 1 instance, "
           f"{args.rounds} runs per path (medians of the runs), load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
+          f"on {os.cpu_count()} cores; frontend CPU net of its idle {1e3 * next(iter(_IDLE.values())):.0f} ms/s")
     print(format_table([("path", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
                          "frontend CPU us/token", "tokens"), *rows_out]))
     print(f"HTTP extra frontend CPU per streamed token: {per_token_us['http'] - per_token_us['grpc']:.0f} us")
