@@ -90,3 +90,47 @@ def test_every_dashboard_expression_parses_and_the_scrape_config_is_valid(promto
     out = subprocess.run([promtool, "check", "config", str(ROOT / "deploy" / "prometheus" / "prometheus.yml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ----- the OpenAI body parser ----------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from orchestrator.http.openai import ApiError, parse  # noqa: E402
+
+
+def test_the_parser_maps_what_clients_send():
+    r = parse({"prompt": ["one prompt"], "top_k": -1, "stop": "\n", "seed": 3, "n": 1, "logprobs": None}, chat=False)
+    assert r.request.prompt == "one prompt" and r.request.sampling.top_k == 0 and list(r.request.stop) == ["\n"]
+    assert r.request.seed == 3 and not r.stream
+    r = parse({"prompt": [[1, 2, 3]], "stream": True, "stream_options": {"include_usage": True}}, chat=False)
+    assert list(r.request.token_ids.ids) == [1, 2, 3] and r.stream and r.include_usage
+    r = parse({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+               "max_completion_tokens": 5, "priority": 2, "request_id": "r-1"}, chat=True)
+    assert r.request.chat.messages[0].content == "ab" and r.request.max_tokens == 5
+    assert (r.request.priority, r.request.request_id) == (2, "r-1")
+    for body, param in [({"prompt": ["a", "b"]}, "prompt"), ({"prompt": "a", "seed": -1}, "seed"),
+                        ({"prompt": "a", "echo": True}, "echo"), ({"prompt": "a", "tools": [{}]}, "tools"),
+                        ({"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty"),
+                        ({"prompt": "a", "temperature": "hot"}, "temperature"), ({"prompt": "a", "stream": 1}, "stream"),
+                        ({"prompt": "a", "max_tokens": 2**40}, "max_tokens"), ({"prompt": "a", "timeout": 0}, "timeout")]:
+        with pytest.raises(ApiError) as e:
+            parse(body, chat=False)
+        assert e.value.status == 400 and e.value.param == param, (body, e.value.body())
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=4), max_leaves=12)
+KEYS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+        "stop", "n", "logprobs", "stream", "stream_options", "priority", "request_id", "timeout", "ignore_eos",
+        "return_token_ids", "response_format", "best_of"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(KEYS), json_values, max_size=8), st.booleans())
+def test_any_json_body_parses_or_is_refused_with_a_400_naming_a_field(body, chat):
+    try:
+        parse(body, chat=chat)
+    except ApiError as e:
+        assert e.status == 400 and e.param and e.message.startswith(e.param.split("[")[0]), e.body()
