@@ -333,3 +333,23 @@ def test_health_is_503_and_streams_get_an_error_event_while_the_frontend_shuts_d
             pass
     assert "shutting down" in e.value.message
     assert shutdown.result() == 1
+
+
+def test_a_pd_hand_over_is_invisible_to_the_http_client(ray_local):
+    prompt, n = "prefill here, decode there", 600
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    expected, margins = reference_with_margins(Engine(**{**TINY, "num_blocks": 512}), prompt, params)
+    with deployment("e2e-http-pd", engine={"num_blocks": 512}, prefill_instances=1, decode_instances=1) as c:
+        base = f"http://127.0.0.1:{c.deployment.http_port}"
+        pd_client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = pd_client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True, "return_token_ids": True})
+        ids, finish = [], None
+        for event in stream:
+            ids += event.choices[0].model_extra["token_ids"]
+            finish = event.choices[0].finish_reason or finish
+        assert finish == "length"
+        assert_resumed_identically(ids, expected, margins, "pd over http")
+        text = get(base, "/metrics")[1].decode()
+        handed = re.search(r'^tidal_migrations_total{outcome="committed",reason="pd_handoff"} (\S+)$', text, re.M)
+        assert handed and float(handed.group(1)) >= 1, "no hand-over was committed"
