@@ -21,7 +21,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from instance.sampling import InvalidRequestError
 from orchestrator.frontend import RpcError
 from orchestrator.http.openai import (HTTP_STATUS, MAX_BODY_BYTES, SSE_DONE, ApiError, Formatter, bad, check_model,
                                       decode_body, parse, sse)
@@ -121,8 +120,6 @@ def build_app(fe: "Frontend") -> FastAPI:
             except asyncio.TimeoutError:
                 raise ApiError(504, f"timeout: the request did not finish within {parsed.timeout_s:g} s",
                                "timeout") from None
-            except InvalidRequestError as e:
-                raise bad(e.field, e.message) from None
             except RpcError as e:
                 raise rpc_error(e) from None
 

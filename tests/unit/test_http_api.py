@@ -68,6 +68,32 @@ def test_health_is_503_until_the_frontend_accepts_and_a_whole_answer_comes_back_
     assert [m for m, _ in inst.calls] == ["add_request"]
 
 
+def test_a_busy_http_port_is_an_error_that_names_it_and_port_0_picks_one():
+    import socket
+
+    from orchestrator.http.server import HttpServer
+
+    fe = make_frontend()
+
+    async def go():
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}.*--http-port"):
+                await HttpServer(fe, "127.0.0.1", port).start()
+        server = HttpServer(fe, "127.0.0.1", 0)
+        picked = await server.start()
+        try:
+            async with httpx.AsyncClient() as http:
+                r = await http.get(f"http://127.0.0.1:{picked}/live", timeout=10)
+            assert picked > 0 and r.status_code == 200
+        finally:
+            await server.stop()
+
+    asyncio.run(go())
+
+
 @pytest.fixture(scope="module")
 def promtool():
     path = shutil.which("promtool")
