@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.tidal-installed
 
-.PHONY: serve test install bench clean redis-server
+.PHONY: serve test install bench clean redis-server prometheus
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ redis-server:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q redis-server; \
 	  else echo "the tests need redis-server: sudo apt-get install -y redis-server" >&2; exit 1; fi; }
 
-test: $(STAMP) redis-server
+# the metrics tests scrape /metrics with a real Prometheus server (started and stopped by the tests)
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; \
+	  else echo "the tests need prometheus: sudo apt-get install -y --no-install-recommends prometheus" >&2; exit 1; fi; }
+
+test: $(STAMP) redis-server prometheus
 	$(PY) -m pytest -q tests $(ARGS)
 
 clean:

@@ -244,7 +244,7 @@ def run_soak(n: int, interval: float, concurrency: int, max_tokens: int, instanc
     report = SoakReport()
     cases = make_cases(n, max_tokens, seed)
     with tempfile.TemporaryDirectory(prefix="tidal-soak-") as tmp, RedisServer(tmp) as redis:
-        cfg = ServeConfig(engine=EngineConfig(**TINY), instances=instances, host="127.0.0.1", port=0,
+        cfg = ServeConfig(engine=EngineConfig(**TINY), instances=instances, host="127.0.0.1", port=0, http_port=0,
                           deployment=f"soak-{seed}", namespace="tidal-soak", restart_dead_instances=True,
                           state_store=redis.url, request_retries=5, grace_period_s=2.0)
         d = Deployment(cfg)

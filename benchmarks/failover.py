@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     cfg = ServeConfig(engine=EngineConfig(model=args.model, max_model_len=2304, kv_cache_gib=0.4),
-                      instances=2, host="127.0.0.1", port=0, deployment="bench-failover",
+                      instances=2, host="127.0.0.1", port=0, http_port=0, deployment="bench-failover",
                       namespace="tidal-bench", restart_dead_instances=True, rebalance=dict(auto=False),
                       grace_period_s=2.0)
     tokenizer = load_tokenizer(args.model)

@@ -108,7 +108,7 @@ class Server:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="tidal-overhead-", suffix=".log", delete=False)
         tidal = str(Path(sys.executable).parent / "tidal")
         args = [tidal, "serve", "--model", model, "--instances", "1", "--host", "127.0.0.1", "--port",
-                str(self.port), "--num-cpus-per-instance", str(threads), "--deployment", "overhead",
+                str(self.port), "--http-port", "0", "--num-cpus-per-instance", str(threads), "--deployment", "overhead",
                 "--kv-cache-gib", str(ENGINE["kv_cache_gib"]), "--max-model-len", str(ENGINE["max_model_len"])]
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 600

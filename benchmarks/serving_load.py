@@ -50,7 +50,7 @@ def replay(addr: str, plan: list[PlannedRequest], prompts: PromptSource) -> list
 
 def deploy(name: str, instances: int, engine: dict, **serve) -> Deployment:
     """A started deployment `name` of `instances` instances in the Ray namespace tidal-bench."""
-    cfg = ServeConfig(engine=EngineConfig(**engine), instances=instances, host="127.0.0.1", port=0,
+    cfg = ServeConfig(engine=EngineConfig(**engine), instances=instances, host="127.0.0.1", port=0, http_port=0,
                       deployment=name, namespace="tidal-bench", grace_period_s=2.0, **serve)
     d = Deployment(cfg)
     d.start()

@@ -1,6 +1,6 @@
 """`tidal`: serve a model on many instances, and talk to a running deployment.
 
-    tidal serve     [--model M] [--instances N] [--port P] [--ray-address A] [--config FILE] ...
+    tidal serve     [--model M] [--instances N] [--port P] [--http-port H] [--ray-address A] [--config FILE] ...
     tidal generate  "prompt" [--addr A] [--max-tokens N] [--temperature T] [--seed S] [--priority P]
     tidal status    [--addr A]
     tidal bench replay --trace azure-conv|burstgpt|mooncake|FILE [--rate-scale X] [--duration S] [--addr A] ...
@@ -23,7 +23,7 @@ import grpc
 
 from instance.limits import MAX_MODEL_LEN_CAP
 from orchestrator.bench.report import format_table
-from orchestrator.config import DEFAULT_PORT, ConfigError, default_addr, load_config
+from orchestrator.config import DEFAULT_HTTP_PORT, DEFAULT_PORT, ConfigError, default_addr, load_config
 from orchestrator.security import add_connection_args, client_channel, exposure_warning
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -37,6 +37,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--instances", type=int, help="serving instances (default 2)")
     p.add_argument("--host", help="address to bind (default 0.0.0.0)")
     p.add_argument("--port", type=int, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--http-port", type=int, help=f"HTTP port of the OpenAI-compatible API and /metrics (default "
+                   f"{DEFAULT_HTTP_PORT}; 0 picks a free one)")
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--deployment", help="name of the deployment (prefix of its Ray actors; default tidal)")
     p.add_argument("--dispatch-policy", choices=["round-robin", "least-load", "freeness"],
@@ -148,6 +150,8 @@ def cmd_serve(args) -> int:
         return EXIT_FAILED
     print(f"tidal: listening on {config.host}:{port} (gRPC: tidal.v1.GenerationService, tidal.v1.AdminService, "
           f"health, reflection)", flush=True)
+    print(f"tidal: HTTP on {config.host}:{deployment.http_port} (OpenAI API /v1/completions, "
+          f"/v1/chat/completions, /v1/models; /health, /metrics)", flush=True)
     print(f"tidal: ready — {config.instances} instances, dispatch {config.dispatch_policy}", flush=True)
     stop.wait()
     print(f"tidal: shutting down (grace period {config.grace_period_s:.0f} s)", flush=True)

@@ -24,6 +24,7 @@ from orchestrator.security import CLIENT_KEY_ENV, SecurityConfig, keys_from_env
 from rpc import Deadlines
 
 DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
 TRACE_DIR_ENV = "TIDAL_TRACE_DIR"
 
 
@@ -70,6 +71,8 @@ class ServeConfig(BaseModel):
     instances: int = Field(2, ge=1, le=256, description="serving instances")
     host: str = Field("0.0.0.0", description="address the gRPC server binds")
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    http_port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535, description="HTTP port of the OpenAI API and "
+                                                                        "/metrics (0 = pick a free one)")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
     namespace: str = Field("tidal", description="Ray namespace of the deployment's actors")
     deployment: str = Field("tidal", pattern=r"^[a-z0-9][a-z0-9-]*$", description="prefix of actor names")

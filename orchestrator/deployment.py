@@ -47,6 +47,7 @@ class Deployment:
         self.scheduler: SchedulerClient | None = None
         self.frontend: FrontendClient | None = None
         self.port: int | None = None
+        self.http_port: int | None = None
 
     def start(self) -> int:
         """Start everything and wait until the frontend serves. Returns the gRPC port."""
@@ -78,9 +79,10 @@ class Deployment:
                                               node_id=here)
         try:
             self.port = self.frontend.start(self.scheduler).result()
+            self.http_port = self.frontend.http_port().result()
         except Rejected as e:
             self.stop()
-            raise DeploymentError(f"the gRPC server failed to start: {e.cause}") from None
+            raise DeploymentError(f"the frontend failed to start: {e.cause}") from None
         while not self.frontend.is_serving().result():
             if time.monotonic() - started > cfg.startup_timeout_s:
                 self.stop()

@@ -16,8 +16,10 @@ waits for one, within the same bounds, instead of failing at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -37,6 +39,7 @@ from instance.sampling import InvalidRequestError, SamplingParams, validate_requ
 from orchestrator.config import ServeConfig
 from orchestrator.errors import AdminError
 from orchestrator.fleet import DEAD, SERVING, STARTING, InstanceView
+from orchestrator.metrics import FrontendMetrics
 from orchestrator.policies.dispatch import Candidate, choose_instance
 from orchestrator.policies.pd import ROLES, takes_prompts
 from orchestrator.security import Auditor, AuthInterceptor, Authenticator, server_credentials
@@ -141,6 +144,12 @@ class Frontend:
         self._last_update = time.monotonic()
         self.tasks = BackgroundTasks(f"frontend {name}")
         self._watchdog: asyncio.Task | None = None
+        self.started_at = time.time()
+        self.metrics = FrontendMetrics(lambda: list(self.views.values()),
+                                       lambda: getattr(self.control, "metrics", None), lambda: len(self.streams))
+        self.http = None                                      # orchestrator.http.server.HttpServer
+        self.http_port = 0
+        self.auth = Authenticator(set(), set())               # the configured keys, from start()
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
     async def start(self, scheduler: SchedulerClient) -> int:
@@ -150,7 +159,7 @@ class Frontend:
         self.me = FrontendClient.current(self.name, self.config.deadlines)
         self.scheduler = scheduler
         security = self.config.security
-        auth = Authenticator.from_config(security)          # a key file it cannot read fails the start
+        auth = self.auth = Authenticator.from_config(security)   # a key file it cannot read fails the start
         creds = server_credentials(security)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
                                  interceptors=[AuthInterceptor(auth, Auditor(security.audit_log))])
@@ -165,12 +174,29 @@ class Frontend:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self.server = server
+        from orchestrator.http.server import HttpServer
+
+        self.http = HttpServer(self, self.config.host, self.config.http_port)
+        try:
+            self.http_port = await self.http.start()
+        except RuntimeError:
+            await server.stop(grace=None)
+            self.server = None
+            raise
         await self.update_instances(await scheduler.register_frontend(self.name, self.me))
         self._watchdog = self.tasks.spawn("scheduler watchdog", self._watch_scheduler())
-        log.info("frontend %s listening on %s:%d (%s; %s)", self.name, self.config.host, self.port,
+        log.info("frontend %s listening on %s:%d (gRPC) and :%d (HTTP) (%s; %s)", self.name, self.config.host,
+                 self.port, self.http_port,
                  "TLS" + (", client certificates required" if security.tls_client_ca else "") if creds else "plaintext",
                  f"{len(auth.api)} API keys, {len(auth.admin)} admin keys" if auth.enabled else "no keys: open")
         return self.port
+
+    async def get_http_port(self) -> int:
+        return self.http_port
+
+    async def pid(self) -> int:
+        """The frontend's process (for operators, and for benchmarks that read its CPU time)."""
+        return os.getpid()
 
     async def _watch_scheduler(self) -> None:
         """While the scheduler is down, serving goes on with the last instance table; once it is back (Ray
@@ -206,6 +232,8 @@ class Frontend:
         await asyncio.gather(*(self._abort_on_instance(s) for s in left), return_exceptions=True)
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        if self.http is not None:
+            await self.http.stop()
         log.info("frontend %s shut down; %d requests aborted after the %.1f s grace period", self.name,
                  len(left), grace)
         return len(left)
@@ -402,7 +430,24 @@ class Frontend:
         longest = max([v.info.max_model_len for v in self.views.values() if v.info is not None] or [0])
         return STREAM_IDLE_MARGIN_S + longest / rate
     async def generate(self, request, context):
-        """The body of GenerationService.Generate: yields TokenChunks."""
+        """The body of GenerationService.Generate and of the HTTP API's completions: yields TokenChunks, and
+        records the request's metrics (outcome, tokens, TTFT, inter-token and end-to-end latency)."""
+        timer = self.metrics.request_timer()
+        outcome = "cancelled"                 # the client went away (or its deadline passed)
+        try:
+            async with contextlib.aclosing(self._generate(request, context, timer.accepted)) as chunks:
+                async for chunk in chunks:
+                    timer.chunk(chunk)
+                    if chunk.finish_reason is not None:
+                        outcome = chunk.finish_reason
+                    yield chunk
+        except RpcError as e:
+            outcome = e.code.name.lower()
+            raise
+        finally:
+            timer.ended(outcome)
+
+    async def _generate(self, request, context, accepted=lambda: None):
         if not self.accepting:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the server is not serving (starting or shutting down)")
         try:
@@ -427,6 +472,7 @@ class Frontend:
         try:
             try:
                 pending.accepted_at_step = await target.client.add_request(rid, ids, params, priority, self.me)
+                accepted()
             except Rejected as e:
                 if isinstance(e.cause, InvalidRequestError):
                     raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e.cause)) from None
@@ -475,6 +521,7 @@ class Frontend:
             while stream.request_id in self.streams:
                 stream.retries += 1
                 if stream.retries > self.config.request_retries:
+                    self.metrics.failovers.labels("retries_spent").inc()
                     stream.fail(grpc.StatusCode.UNAVAILABLE,
                                 f"instance {stream.instance.instance_id} failed and the retry budget "
                                 f"({self.config.request_retries}) is spent")
@@ -483,6 +530,7 @@ class Frontend:
                     target = await self.dispatch_when_possible(len(stream.prompt_ids) + len(stream.tokens),
                                                                deadline, exclude=frozenset(dead))
                 except RpcError as e:
+                    self.metrics.failovers.labels("no_instance").inc()
                     stream.fail(grpc.StatusCode.UNAVAILABLE,
                                 f"instance {stream.instance.instance_id} failed and no instance could take over "
                                 f"within {FAILOVER_BOUND_S:.0f} s: {e}")
@@ -497,12 +545,15 @@ class Frontend:
                     stream.progress_at = time.monotonic()
                     log.info("failover: %s resumed on %s after %d tokens (attempt %d)", stream.request_id,
                              target.instance_id, len(stream.tokens), stream.retries)
+                    self.metrics.failovers.labels("resumed").inc()
                     return
                 except Rejected as e:
                     if isinstance(e.cause, InvalidRequestError) and e.cause.field == "request_id":
                         # a migration to this instance committed just before its source died: it is already here
                         log.info("failover: %s already lives on %s", stream.request_id, target.instance_id)
+                        self.metrics.failovers.labels("resumed").inc()
                         return
+                    self.metrics.failovers.labels("failed").inc()
                     stream.fail(grpc.StatusCode.INTERNAL, f"resuming on {target.instance_id} failed: {e.cause!r}")
                     return
                 except ActorDead:
@@ -523,8 +574,7 @@ class Frontend:
         stream.next_seq += 1
         return stream.instance.instance_id
 
-    async def admin(self, command: Call):
-        """Wait for an admin command forwarded to the scheduler; its AdminError becomes the RPC's status."""
+    async def _admin(self, command: Call):
         try:
             return await command
         except Rejected as e:
@@ -535,6 +585,19 @@ class Frontend:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the scheduler is restarting; retry shortly") from None
         except ActorTimeout as e:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{e.method} did not finish in time") from None
+
+    async def admin(self, command: Call):
+        """Wait for an admin command forwarded to the scheduler; its AdminError becomes the RPC's status."""
+        outcome = "internal"
+        try:
+            result = await self._admin(command)
+            outcome = "ok"
+            return result
+        except RpcError as e:
+            outcome = e.code.name.lower()
+            raise
+        finally:
+            self.metrics.admin.labels(command.method, outcome).inc()
 
     async def _abort_on_instance(self, stream: RequestStream) -> None:
         where = stream.instance.instance_id

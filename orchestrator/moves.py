@@ -14,6 +14,7 @@ from typing import Callable
 from instance.limits import MOVED_REQUEST_MEMORY_S, RECENT_MIGRATIONS_PER_SCHEDULER
 from migration.protocol import MigrationRecord, MigrationState
 from orchestrator.fleet import Fleet
+from orchestrator.metrics import ControlMetrics, migration_kind
 from orchestrator.policies.ledger import MoveLedger
 from orchestrator.policies.migration import MigrationPolicyConfig, PlannedMove
 from orchestrator.policies.pd import PREFILL
@@ -24,8 +25,9 @@ log = logging.getLogger(__name__)
 
 class Moves:
     def __init__(self, fleet: Fleet, policy: MigrationPolicyConfig, tasks: BackgroundTasks,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, metrics: ControlMetrics | None = None):
         self.fleet = fleet
+        self.metrics = metrics if metrics is not None else ControlMetrics()
         self.tasks = tasks
         self.clock = clock
         self.ledger = MoveLedger(policy)
@@ -64,6 +66,7 @@ class Moves:
         if record.state is MigrationState.COMMITTED:
             self._left[move.request_id] = (move.src, self.clock())
         self.recent.append(record)
+        self.metrics.migration_ended(migration_kind(move.reason, handoff), record)
         return record
 
     def busy(self) -> set[str]:

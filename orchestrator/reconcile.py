@@ -24,6 +24,7 @@ from typing import Awaitable, Callable
 from orchestrator.config import ServeConfig
 from orchestrator.fleet import Fleet
 from orchestrator.intent import Intent
+from orchestrator.metrics import ControlMetrics
 from orchestrator.moves import Moves
 from orchestrator.policies.pd import DECODE, PREFILL, HandoffConfig, adapt_roles, plan_handoffs, plan_prompt_returns
 from orchestrator.registry import FrontendRegistry
@@ -37,7 +38,8 @@ class Reconciler:
     def __init__(self, config: ServeConfig, fleet: Fleet, moves: Moves, intent: Intent,
                  frontends: FrontendRegistry, set_role: Callable[[str, str], Awaitable[str]],
                  resume: Callable[[list[str], dict | None], None], tasks: BackgroundTasks,
-                 clock: Callable[[], float] = time.monotonic, autoscale: Callable[[], None] = lambda: None):
+                 clock: Callable[[], float] = time.monotonic, autoscale: Callable[[], None] = lambda: None,
+                 metrics: ControlMetrics | None = None):
         self.config = config
         self.fleet, self.moves, self.intent, self.frontends = fleet, moves, intent, frontends
         self.set_role = set_role
@@ -48,6 +50,7 @@ class Reconciler:
                                      max_per_destination=config.migration.max_concurrent,
                                      batch_slots=config.engine.max_num_seqs)
         self.step_timings_ms: dict[str, float] = {}
+        self.metrics = metrics if metrics is not None else ControlMetrics()
         self._last_rebalance = -float("inf")
         self._last_role_change = -float("inf")
         self._flush: asyncio.Task | None = None
@@ -73,7 +76,9 @@ class Reconciler:
                 step()
             except Exception:
                 log.exception("reconcile step %s failed", name)
-            self.step_timings_ms[name] = 1000 * (time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self.step_timings_ms[name] = 1000 * took
+            self.metrics.step_took(name, took)
 
     # ----- the steps -----------------------------------------------------------------------------------------
     def rebalance(self) -> None:

@@ -34,6 +34,7 @@ class ControlState:
 
     store: Any                      # orchestrator.intent.StoreHealth
     scaling: Any = None             # orchestrator.scaling.ScalingStatus
+    metrics: Any = None             # orchestrator.metrics.ControlMetrics: migrations, reconcile step times
 
 
 class FrontendRegistry:

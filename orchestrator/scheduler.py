@@ -28,6 +28,7 @@ from orchestrator.admin import Admin, DrainReport
 from orchestrator.config import ServeConfig
 from orchestrator.fleet import Fleet, InstanceFactory, InstanceView, RayInstances
 from orchestrator.intent import Intent
+from orchestrator.metrics import ControlMetrics
 from orchestrator.moves import Moves
 from orchestrator.reconcile import Reconciler
 from orchestrator.registry import ControlState, FrontendRegistry
@@ -53,13 +54,16 @@ class GlobalScheduler:
         self.intent = Intent(store if store is not None else open_store(cfg.state_store, cfg.deployment,
                                                                          check=False))
         self.fleet = Fleet(cfg, instances or RayInstances(cfg), self.intent, self.tasks, clock)
-        self.moves = Moves(self.fleet, cfg.rebalance, self.tasks, clock)
-        self.frontends = FrontendRegistry(lambda: ControlState(self.intent.health(), self.scaling.status()))
+        self.metrics = ControlMetrics()
+        self.moves = Moves(self.fleet, cfg.rebalance, self.tasks, clock, self.metrics)
+        self.frontends = FrontendRegistry(lambda: ControlState(self.intent.health(), self.scaling.status(),
+                                                               self.metrics))
         self.admin = Admin(cfg, self.fleet, self.moves, self.intent, self.frontends, clock)
         self.scaling = Scaling(cfg, self.fleet, self.admin, self.intent,
                                lambda: self.frontends.push_now(self.fleet.views()), self.tasks, clock)
         self.reconciler = Reconciler(cfg, self.fleet, self.moves, self.intent, self.frontends, self.admin.set_role,
-                                     self._resume, self.tasks, clock, autoscale=self.scaling.autoscale)
+                                     self._resume, self.tasks, clock, autoscale=self.scaling.autoscale,
+                                     metrics=self.metrics)
         self._start_lock = asyncio.Lock()
         self._run_loop = run_loop
         self._started = False

@@ -70,6 +70,10 @@ class Call(Generic[T]):
     def __init__(self, ref: Any, target: str, method: str, timeout_s: float):
         self._ref, self._target, self._method, self._timeout_s = ref, target, method, timeout_s
 
+    @property
+    def method(self) -> str:
+        return self._method
+
     def __await__(self) -> Generator[Any, None, T]:
         return self._wait().__await__()
 

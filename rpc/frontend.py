@@ -51,6 +51,13 @@ class FrontendClient(ActorClient):
     def shutdown(self, grace_s: float) -> Call[int]:
         return self._call("shutdown", grace_s, timeout_s=grace_s + self.deadlines.call_s)
 
+    def http_port(self) -> Call[int]:
+        """The port of its HTTP server (the OpenAI API and /metrics)."""
+        return self._call("get_http_port")
+
+    def pid(self) -> Call[int]:
+        return self._call("pid")
+
     def is_serving(self) -> Call[bool]:
         return self._call("is_serving")
 

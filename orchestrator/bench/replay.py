@@ -1,4 +1,5 @@
-"""`tidal bench replay`: send a trace's requests to a deployment as real gRPC streams, on the trace's clock.
+"""`tidal bench replay`: send a trace's requests to a deployment as real gRPC streams (or, with --http, as
+streamed completions over the OpenAI API), on the trace's clock.
 
 One asyncio loop sends every request at its scheduled time (`schedule`) and reads all streams; each message's
 arrival is stamped on one monotonic clock (`stats.RequestRecord`). Prompts are synthetic token ids of the
@@ -41,6 +42,8 @@ def add_parser(sub) -> None:
     arg = p.add_argument
     arg("--trace", required=True, metavar="NAME|FILE", help="azure-conv, burstgpt, mooncake, or a .csv / .jsonl file")
     arg("--addr", metavar="HOST:PORT", default=default_addr(), help="server (default $TIDAL_ADDR or 127.0.0.1:50051)")
+    arg("--http", metavar="URL", help="send the same workload over the OpenAI API at URL (e.g. http://127.0.0.1:8000: "
+        "streamed /v1/completions) instead of gRPC at --addr")
     arg("--rate-scale", metavar="X", type=float, default=1.0, help="speed the trace's clock up X times (2 = twice)")
     arg("--arrivals", choices=["trace", "poisson", "gamma"], default="trace",
         help="the trace's timestamps (default), or synthetic arrivals at --rate with the trace's lengths")
@@ -161,17 +164,20 @@ class Replay:
                                       max_tokens=p.output_tokens, priority=p.priority,
                                       request_id=f"replay-{run_id}-{p.index}") for p in plan]
         self.stop = asyncio.Event()
+        self.http = None                # an httpx.AsyncClient on the OpenAI API: send over HTTP instead of gRPC
+        self.model = ""                 # the served model (the OpenAI API's `model` field)
         self._inflight: set[asyncio.Task] = set()
         self._t0 = 0.0
 
     def _now(self) -> float:
         return time.monotonic() - self._t0
 
-    async def run(self, channel: grpc.aio.Channel) -> None:
-        """Until every request has ended, or until `stop` is set (then what is in flight is cancelled)."""
+    async def run(self, channel: grpc.aio.Channel | None) -> None:
+        """Until every request has ended, or until `stop` is set (then what is in flight is cancelled). Over
+        HTTP (`self.http`), `channel` is None."""
         from tidal.v1 import generation_pb2_grpc
 
-        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        stub = generation_pb2_grpc.GenerationServiceStub(channel) if channel is not None else None
         self._t0 = time.monotonic()
         dispatcher = asyncio.create_task(self._dispatch(stub))
         stopper = asyncio.create_task(self.stop.wait())
@@ -199,6 +205,8 @@ class Replay:
     async def _one(self, stub, p: PlannedRequest, r: RequestRecord) -> None:
         from tidal.v1 import generation_pb2
 
+        if self.http is not None:
+            return await self._one_http(p, r)
         req = _request(p, self.prompts.ids(p.index, p.prompt_tokens), r.request_id)
         r.sent_s = self._now()
         call = stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata)
@@ -230,7 +238,79 @@ class Replay:
             self.progress.finished(r)
 
 
-async def _run(replay: Replay, addr: str, connect_timeout_s: float,
+    async def _one_http(self, p: PlannedRequest, r: RequestRecord) -> None:
+        """The same request as `_one`, as a streamed OpenAI completion (token ids in, `return_token_ids` out)."""
+        import json
+
+        body = {"model": self.model, "prompt": self.prompts.ids(p.index, p.prompt_tokens),
+                "max_tokens": p.output_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "priority": p.priority, "request_id": r.request_id, "return_token_ids": True,
+                "timeout": self.timeout_s}
+        r.sent_s = self._now()
+        try:
+            async with self.http.stream("POST", "/v1/completions", json=body, timeout=self.timeout_s) as resp:
+                if resp.status_code != 200:
+                    error = json.loads(await resp.aread()).get("error", {})
+                    r.end_s = self._now()
+                    r.status, r.error = f"HTTP_{resp.status_code}", error.get("message", "")
+                    return
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    now = self._now()
+                    r.end_s = now
+                    if line == "data: [DONE]":
+                        break
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        r.status, r.error = "STREAM_ERROR", event["error"].get("message", "")
+                        return
+                    choice = event["choices"][0] if event.get("choices") else None
+                    if choice is None:
+                        continue
+                    if choice.get("token_ids"):
+                        r.chunk_times_s.append(now)
+                        r.chunk_tokens.append(len(choice["token_ids"]))
+                    if choice.get("finish_reason"):
+                        r.finish_reason = choice["finish_reason"].upper()
+            if r.finish_reason == "ABORT":
+                r.status, r.error = "ABORTED", "the server ended the stream with finish reason abort"
+            else:
+                r.status = OK
+        except asyncio.CancelledError:
+            r.end_s = self._now()
+            r.status, r.error = CANCELLED, "stopped by the user before it finished"
+            raise
+        except Exception as e:  # noqa: BLE001 - a connection error: counted as failed with what it was
+            r.end_s = self._now()
+            r.status, r.error = "HTTP_ERROR", f"{type(e).__name__}: {e}"
+        finally:
+            self.progress.finished(r)
+
+
+async def run_http(replay: Replay, url: str, connect_timeout_s: float) -> None:
+    """Replay over the OpenAI API at `url`, once its /health says it serves."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=replay.timeout_s,
+                                 headers=dict(replay.metadata)) as client:
+        deadline = time.monotonic() + connect_timeout_s
+        while True:
+            try:
+                if (await client.get("/health", timeout=1.0)).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"no serving server at {url} after {connect_timeout_s:g} s; start one with "
+                                      f"`tidal serve` or pass --http") from None
+            await asyncio.sleep(0.2)
+        replay.http = client
+        await replay.run(None)
+
+
+async def _run(replay: Replay, addr: str, connect_timeout_s: float, http: str | None = None,
                credentials: grpc.ChannelCredentials | None = None) -> bool:
     """Replays; False when the run was interrupted. Raises ConnectionError when no server answers."""
     loop = asyncio.get_running_loop()
@@ -252,6 +332,9 @@ async def _run(replay: Replay, addr: str, connect_timeout_s: float,
         except (NotImplementedError, RuntimeError, ValueError):   # not the main thread, or no signals here
             pass
     try:
+        if http:
+            await run_http(replay, http, connect_timeout_s)
+            return not interrupted
         channel = grpc.aio.secure_channel(addr, credentials) if credentials else grpc.aio.insecure_channel(addr)
         async with channel:
             try:
@@ -295,7 +378,7 @@ def _plan(args) -> tuple[list[PlannedRequest], dict]:
                               priority_mix=parse_priority_mix(args.priority_mix), seed=args.seed)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
-    run = {key: getattr(args, key) for key in ("trace", "addr", "arrivals", "rate_scale", "rate", "cv", "duration",
+    run = {key: getattr(args, key) for key in ("trace", "addr", "http", "arrivals", "rate_scale", "rate", "cv", "duration",
                                                "num_requests", "max_prompt", "max_output", "priority_mix", "seed",
                                                "model", "timeout")}
     run.update(length_scale=factor, trace_requests=len(rows), planned_requests=len(plan),
@@ -324,7 +407,7 @@ def cmd_replay(args) -> int:
             else f"{args.arrivals} arrivals at {args.rate:g}/s" + (f", CV {args.cv:g}" if args.arrivals == "gamma"
                                                                   else ""))
     print(f"{name}: {len(plan)} requests of {args.trace} over {run['planned_span_s']:.1f} s ({when}{mix}) "
-          f"to {args.addr}; lengths / {run['length_scale']:.2f}", flush=True)
+          f"to {args.http or args.addr}; lengths / {run['length_scale']:.2f}", flush=True)
 
     progress = Progress(len(plan), enabled=not args.no_progress)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -332,7 +415,8 @@ def cmd_replay(args) -> int:
         credentials = (client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
                        if args.tls or args.tls_ca or args.tls_cert else None)
         replay = Replay(plan, prompts, args.timeout, progress, client_metadata(args.api_key))
-        completed = asyncio.run(_run(replay, args.addr, args.connect_timeout, credentials))
+        replay.model = args.model
+        completed = asyncio.run(_run(replay, args.addr, args.connect_timeout, args.http, credentials))
     except (ConnectionError, ValueError) as e:
         print(f"{name}: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -18,7 +18,7 @@ TINY = dict(model="tiny-llama", num_blocks=256, block_size=16, max_model_len=102
 @contextlib.contextmanager
 def deployment(name: str, instances: int = 2, engine: dict | None = None, **serve):
     cfg = ServeConfig(engine=EngineConfig(**{**TINY, **(engine or {})}), instances=instances, host="127.0.0.1",
-                      port=0, deployment=name, namespace="tidal-tests", grace_period_s=2.0, **serve)
+                      port=0, http_port=0, deployment=name, namespace="tidal-tests", grace_period_s=2.0, **serve)
     d = Deployment(cfg)
     port = d.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -20,7 +20,7 @@ def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "tidal-serve.log"
     log = open(log_path, "w+")
     proc = subprocess.Popen(
-        [TIDAL, "serve", "--model", "smollm2-135m", "--instances", "1", "--host", "127.0.0.1", "--port", "0",
+        [TIDAL, "serve", "--model", "smollm2-135m", "--instances", "1", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
          "--kv-cache-gib", "0.25", "--deployment", "smoke"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -48,6 +48,25 @@ def test_generate_prints_the_answer_and_status_shows_the_instance(server):
     status = run("status", "--addr", addr)
     assert status.returncode == 0, status.stderr
     assert "instance-0" in status.stdout and "serving" in status.stdout
+
+
+def test_serve_prints_its_http_port_and_the_openai_api_answers_there(server):
+    import json
+    import urllib.request
+
+    _, _, log = server
+    log.flush()
+    found = re.search(r"tidal: HTTP on 127\.0\.0\.1:(\d+)", Path(log.name).read_text())
+    assert found, Path(log.name).read_text()[-2000:]
+    base = f"http://127.0.0.1:{found.group(1)}"
+    with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as r:
+        assert [m["id"] for m in json.load(r)["data"]] == ["smollm2-135m"]
+    body = json.dumps({"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        answer = json.load(r)
+    assert 1 <= answer["usage"]["completion_tokens"] <= 8 and "Paris" in answer["choices"][0]["text"], answer
 
 
 def test_sigint_stops_the_server_gracefully(server):

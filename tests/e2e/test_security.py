@@ -2,11 +2,14 @@
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
 
 import grpc
+import httpx
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -30,12 +33,13 @@ def server(ray_local, tmp_path_factory):
     audit = folder / "audit.jsonl"
     security = dict(api_key_file=str(keys), admin_key_hashes=(hash_key(ADMIN_KEY),), tls_cert=str(certs["server"]),
                     tls_key=str(certs["server_key"]), tls_client_ca=str(certs["ca"]), audit_log=str(audit))
-    cfg = ServeConfig(engine=EngineConfig(**TINY), instances=2, host="127.0.0.1", port=0, deployment="e2e-sec",
+    cfg = ServeConfig(engine=EngineConfig(**TINY), instances=2, host="127.0.0.1", port=0, http_port=0,
+                      deployment="e2e-sec",
                       namespace="tidal-tests", grace_period_s=2.0, rebalance=dict(auto=False), security=security)
     d = Deployment(cfg)
     port = d.start()
     try:
-        yield dict(addr=f"127.0.0.1:{port}", certs=certs, audit=audit)
+        yield dict(addr=f"127.0.0.1:{port}", http=f"https://127.0.0.1:{d.http_port}", certs=certs, audit=audit)
     finally:
         d.stop()
 
@@ -129,3 +133,33 @@ def test_the_cli_connects_with_a_key_and_mutual_tls(server):
     gen = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "hello", "--max-tokens", "4", *tls],
                          capture_output=True, text=True, timeout=60, env={**os.environ, "TIDAL_API_KEY": DATA_KEY})
     assert gen.returncode == 0, gen.stderr
+
+
+def https(server, client_cert=True):
+    certs = server["certs"]
+    cert = (str(certs["client"]), str(certs["client_key"])) if client_cert else None
+    return httpx.Client(base_url=server["http"], verify=ssl.create_default_context(cafile=str(certs["ca"])),
+                        cert=cert, timeout=30)
+
+
+def test_the_openai_api_wants_a_key_over_mutual_tls_and_its_probes_stay_open(server):
+    with https(server) as c:
+        for path in ("/health", "/live", "/version", "/metrics"):
+            assert c.get(path).status_code == 200, path
+        body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+        missing = c.post("/v1/completions", json=body)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert missing.json()["error"]["type"] == "authentication_error"
+        assert c.post("/v1/completions", json=body, headers={"authorization": "Bearer nope"}).status_code == 401
+        assert c.get("/v1/models").status_code == 401
+        ok = c.post("/v1/completions", json=body, headers={"authorization": f"Bearer {DATA_KEY}"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+        client = openai.OpenAI(base_url=server["http"] + "/v1", api_key=DATA_KEY, http_client=c)
+        chunks = list(client.completions.create(model="tiny-llama", prompt="hi", max_tokens=3, stream=True,
+                                                extra_body={"ignore_eos": True}))
+        assert sum(len(ch.choices[0].text) > 0 for ch in chunks if ch.choices) >= 1
+    with pytest.raises((httpx.ConnectError, httpx.RemoteProtocolError)):   # no client certificate: refused
+        with https(server, client_cert=False) as c:
+            c.get("/health")
+    with pytest.raises(httpx.RemoteProtocolError):    # plaintext HTTP to the TLS port
+        httpx.get(server["http"].replace("https", "http") + "/health", timeout=10)

@@ -26,7 +26,7 @@ def main() -> int:
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="two-node", logging_level=logging.WARNING, log_to_driver=False)
-    cfg = ServeConfig(engine=EngineConfig(**TINY), instances=2, host="127.0.0.1", port=0, deployment="two-node",
+    cfg = ServeConfig(engine=EngineConfig(**TINY), instances=2, host="127.0.0.1", port=0, http_port=0, deployment="two-node",
                       namespace="two-node", rebalance=dict(auto=False), ray_address=cluster.address)
     d = Deployment(cfg)
     try:
