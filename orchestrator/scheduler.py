@@ -144,3 +144,6 @@ class GlobalScheduler:
 
     async def scale_instances(self, instances: int) -> ScaleReport:
         return await self.scaling.scale_to(instances)
+
+    async def scale_experts(self, instance_id: str, ep_size: int, dry_run: bool = False):
+        return await self.admin.scale_experts(instance_id, ep_size, dry_run)

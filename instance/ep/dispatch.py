@@ -186,9 +186,12 @@ class ExpertDispatcher:
             owner = {k: (LEADER if r == rank else r) for k, r in self.placement.owner.items()}
             moved = sum(1 for r in self.placement.owner.values() if r == rank)
             self.placement = Placement(owner)
+            gone = self.workers[rank]
             self.workers = {n: w for n, w in self.workers.items() if n != rank}
             self._owners = self._owner_table(self.placement)
             self.generation += 1
+        if hasattr(gone, "kill"):            # a worker that missed its deadline may still run: stop it
+            gone.kill()
         why = f"{type(err).__name__}: {err}"
         self.lost.append((rank, why))
         log.warning("expert worker %s lost (%s); the leader serves its %d experts from its own copy until it "

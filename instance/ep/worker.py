@@ -76,7 +76,7 @@ class ExpertWorker:
                 raise ChecksumMismatch(f"expert worker {self.name}: expert {key} arrived with checksum {got}, "
                                        f"sent as {w.checksum}")
             hidden, ffn = w.down.shape
-            m = SwiGLU(hidden, ffn).to(torch.from_numpy(w.down).dtype)
+            m = SwiGLU(hidden, ffn).to(torch.from_numpy(np.array(w.down[:1])).dtype)
             with torch.no_grad():
                 m.gate_up_proj.weight.copy_(torch.from_numpy(np.array(w.gate_up)))
                 m.down_proj.weight.copy_(torch.from_numpy(np.array(w.down)))
