@@ -196,7 +196,7 @@ class InstanceActor:
         if x.last is not None:
             last = f"EP {x.last.previous} -> {x.last.ep_size} {x.last.result} ({x.last.total_ms:.0f} ms)"
         return ExpertStatus(d.ep_size, x.target, x.config.max_size, ranks, len(x.pool.idle), x.in_flight, last,
-                            d.remote_ms_per_layer(), len(d.lost))
+                            d.remote_ms_per_layer(), len(d.lost), tuple(x.pool.pids.get(w.name, 0) for w in x.pool.idle))
 
     # ----- migration: source half ---------------------------------------------------------------------------
     async def migrate_out(self, request_id: str, dst: InstanceClient, migration_id: str | None = None,

@@ -59,6 +59,7 @@ class ExpertStatus:
     last_scale: str = ""
     remote_ms_per_layer: float = 0.0   # mean wait for remote ranks per layer call (after the leader's share)
     workers_lost: int = 0
+    warm_pids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from instance.config import EngineConfig
 from migration.protocol import MigrationConfig
 from orchestrator.policies.autoscale import AutoscaleConfig
+from orchestrator.policies.ep_autoscale import EPAutoscaleConfig
 from orchestrator.policies.migration import MigrationPolicyConfig
 from orchestrator.policies.pd import AdaptiveConfig
 from rpc import Deadlines
@@ -99,6 +100,7 @@ class ServeConfig(BaseModel):
     decode_instances: int = Field(0, ge=0, le=256, description="instances that take hand-overs and decode")
     pd: PdConfig = Field(default_factory=PdConfig)
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
+    ep_autoscale: EPAutoscaleConfig = Field(default_factory=EPAutoscaleConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -571,7 +571,7 @@ def view_to_proto(v: InstanceView) -> admin_pb2.Instance:
             msg.experts.CopyFrom(admin_pb2.ExpertParallel(
                 ep_size=x.ep_size, target=x.target, max_size=x.max_size, warm_workers=x.warm_workers,
                 scaling=x.scaling, last_scale=x.last_scale, remote_ms_per_layer=x.remote_ms_per_layer,
-                workers_lost=x.workers_lost,
+                workers_lost=x.workers_lost, warm_pids=list(x.warm_pids),
                 ranks=[admin_pb2.ExpertRank(rank=r.rank, experts=r.experts, load_share=r.load_share, pid=r.pid,
                                             layers=list(r.layers)) for r in x.ranks]))
     return msg

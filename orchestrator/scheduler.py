@@ -31,6 +31,7 @@ from orchestrator.intent import Intent
 from orchestrator.moves import Moves
 from orchestrator.reconcile import Reconciler
 from orchestrator.registry import ControlState, FrontendRegistry
+from orchestrator.ep_scaling import ExpertAutoscaler
 from orchestrator.scaling import ScaleReport, Scaling
 from orchestrator.store import StateStore, StoreError, open_store
 from rpc import BackgroundTasks
@@ -59,10 +60,16 @@ class GlobalScheduler:
         self.scaling = Scaling(cfg, self.fleet, self.admin, self.intent,
                                lambda: self.frontends.push_now(self.fleet.views()), self.tasks, clock)
         self.reconciler = Reconciler(cfg, self.fleet, self.moves, self.intent, self.frontends, self.admin.set_role,
-                                     self._resume, self.tasks, clock, autoscale=self.scaling.autoscale)
+                                     self._resume, self.tasks, clock, autoscale=self._autoscale)
+        self.ep_autoscale = ExpertAutoscaler(cfg.ep_autoscale, self.fleet, self.admin, self.tasks, clock)
         self._start_lock = asyncio.Lock()
         self._run_loop = run_loop
         self._started = False
+
+    def _autoscale(self) -> None:
+        """The reconcile loop's autoscale step: the instance count, then MoE instances' EP sizes."""
+        self.scaling.autoscale()
+        self.ep_autoscale.step()
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
     async def start(self, observed: list[InstanceView] | None = None) -> list[InstanceView]:

@@ -51,6 +51,22 @@ class WorkerPool:
             return self.idle.pop(0)
         return await self._new()
 
+    async def check(self, timeout_s: float = 5.0) -> int:
+        """Ping the idle workers; stop those that do not answer (the next fill replaces them). Returns how
+        many were stopped."""
+        idle = list(self.idle)
+        answers = await asyncio.gather(*(asyncio.wait_for(h.ping(), timeout_s) for h in idle),
+                                       return_exceptions=True)
+        dead = [h for h, a in zip(idle, answers) if isinstance(a, BaseException)]
+        for h in dead:
+            if h in self.idle:
+                self.idle.remove(h)
+            self.retire(h)
+        if dead:
+            log.warning("expert worker pool: %d idle workers did not answer and were stopped: %s", len(dead),
+                        ", ".join(h.name for h in dead))
+        return len(dead)
+
     def give_back(self, handle: Any) -> None:
         """A worker that holds no experts any more: kept idle while the pool is short, else stopped."""
         if not self._closed and len(self.idle) < self.warm:

@@ -207,6 +207,10 @@ class ExpertScaler:
                     log.warning("rollback: %s did not drop %d copies: %r", name, len(keys), e)
         for w in taken:                 # a taken worker may be broken: stop it; the pool starts a fresh one
             self.pool.retire(w)
+        try:                            # and the idle ones may have died the same way
+            await self.pool.check()
+        except Exception as e:  # noqa: BLE001
+            log.warning("rollback: checking the idle expert workers failed: %r", e)
 
     async def _clean_up(self, moves: list[Move], old_workers: dict[str, Any], ranks: set[str]) -> None:
         by_src: dict[str, list[Key]] = {}

@@ -127,7 +127,7 @@ class ExpertRank(_message.Message):
     def __init__(self, rank: _Optional[str] = ..., experts: _Optional[int] = ..., load_share: _Optional[float] = ..., pid: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertParallel(_message.Message):
-    __slots__ = ("ep_size", "target", "max_size", "ranks", "warm_workers", "scaling", "last_scale", "remote_ms_per_layer", "workers_lost")
+    __slots__ = ("ep_size", "target", "max_size", "ranks", "warm_workers", "scaling", "last_scale", "remote_ms_per_layer", "workers_lost", "warm_pids")
     EP_SIZE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class ExpertParallel(_message.Message):
     LAST_SCALE_FIELD_NUMBER: _ClassVar[int]
     REMOTE_MS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     WORKERS_LOST_FIELD_NUMBER: _ClassVar[int]
+    WARM_PIDS_FIELD_NUMBER: _ClassVar[int]
     ep_size: int
     target: int
     max_size: int
@@ -146,7 +147,8 @@ class ExpertParallel(_message.Message):
     last_scale: str
     remote_ms_per_layer: float
     workers_lost: int
-    def __init__(self, ep_size: _Optional[int] = ..., target: _Optional[int] = ..., max_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[ExpertRank, _Mapping]]] = ..., warm_workers: _Optional[int] = ..., scaling: _Optional[str] = ..., last_scale: _Optional[str] = ..., remote_ms_per_layer: _Optional[float] = ..., workers_lost: _Optional[int] = ...) -> None: ...
+    warm_pids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ep_size: _Optional[int] = ..., target: _Optional[int] = ..., max_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[ExpertRank, _Mapping]]] = ..., warm_workers: _Optional[int] = ..., scaling: _Optional[str] = ..., last_scale: _Optional[str] = ..., remote_ms_per_layer: _Optional[float] = ..., workers_lost: _Optional[int] = ..., warm_pids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScaleExpertsRequest(_message.Message):
     __slots__ = ("instance_id", "ep_size", "dry_run")
