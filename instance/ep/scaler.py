@@ -106,6 +106,8 @@ class ExpertScaler:
                 report = await self._scale(previous, ep_size, "repaired" if repair else "scaled")
             finally:
                 self.in_flight = ""
+            if not report.ok and not repair:
+                self.target = previous          # rolled back: the size asked for is the one it kept
             self.last = report
             asyncio.ensure_future(self._refill())
             return report
@@ -175,7 +177,8 @@ class ExpertScaler:
 
     async def _copy(self, moves: list[Move], workers: dict[str, Any], accepted: dict[str, list[Key]]) -> None:
         """Every moved expert into its new owner, checked against the leader's checksums."""
-        d, sums = self.dispatcher, self.reference_sums()
+        d = self.dispatcher
+        sums = await asyncio.to_thread(self.reference_sums)     # hashing off the event loop: steps go on
         pairs: dict[tuple[str, str], list[Key]] = {}
         for m in moves:
             if m.dst != LEADER:                 # the leader holds every expert already
@@ -183,7 +186,8 @@ class ExpertScaler:
 
         async def one(src: str, dst: str, keys: list[Key]) -> None:
             if src == LEADER:
-                bundle = {k: ExpertWeights.of(d.banks[k[0]].expert(k[1])) for k in keys}
+                bundle = await asyncio.to_thread(
+                    lambda: {k: ExpertWeights.of(d.banks[k[0]].expert(k[1])) for k in keys})
                 got = await workers[dst].accept(bundle)
             else:
                 got = await workers[dst].accept_from(workers[src], keys)

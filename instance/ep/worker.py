@@ -62,6 +62,8 @@ class ExpertWorker:
         self.experts: dict[Key, SwiGLU] = {}
         self.sums: dict[Key, str] = {}
         self.tokens = 0                 # rows computed since start
+        with torch.inference_mode():    # torch's first ops are slow: pay for them before taking experts
+            SwiGLU(8, 8)(torch.zeros(1, 8))
 
     def ping(self) -> int:
         return os.getpid()
@@ -81,6 +83,8 @@ class ExpertWorker:
                 m.gate_up_proj.weight.copy_(torch.from_numpy(np.array(w.gate_up)))
                 m.down_proj.weight.copy_(torch.from_numpy(np.array(w.down)))
             m.requires_grad_(False)
+            with torch.inference_mode():        # the first call of a module is slower: not in a served step
+                m(torch.zeros(1, hidden, dtype=m.down_proj.weight.dtype))
             built[key] = (m, got)
         for key, (m, got) in built.items():
             self.experts[key], self.sums[key] = m, got

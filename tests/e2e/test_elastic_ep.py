@@ -45,6 +45,18 @@ def experts(c):
     return c.instances()[c.iid].experts
 
 
+def settled(c, predicate, timeout: float = 10.0):
+    """The instance's expert status once `predicate` holds (status reaches the frontend within ~50 ms)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        x = experts(c)
+        if predicate(x):
+            return x
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expert status never settled: {x}")
+        time.sleep(0.05)
+
+
 def scale(c, n: int, dry_run: bool = False):
     return c.admin.ScaleExperts(admin_pb2.ScaleExpertsRequest(instance_id=c.iid, ep_size=n, dry_run=dry_run),
                                 timeout=120)
@@ -112,8 +124,8 @@ def test_streams_keep_their_tokens_while_the_instance_goes_ep_1_2_3_1(moe, refer
     assert all(r.moves for r in reports) and reports[0].bytes_moved > 0
     worst = check_streams(reference, results)
     assert worst < GAP_BOUND_S, f"a stream waited {worst:.2f} s between two tokens"
-    x = experts(moe)
-    assert x.ep_size == 1 and [r.rank for r in x.ranks] == ["leader"] and x.ranks[0].experts == 32
+    x = settled(moe, lambda x: x.ep_size == 1)
+    assert [r.rank for r in x.ranks] == ["leader"] and x.ranks[0].experts == 32
     assert scale(moe, 1).result == "no-op"
 
 
@@ -131,8 +143,8 @@ def test_the_cli_scales_and_status_shows_the_placement(moe):
     text = out.getvalue()
     assert "EP 1 -> 2 (scaled)" in text and "EP 2 -> 2 (no-op)" in text
     assert "expert parallelism:" in text and f"{moe.iid}-w" in text
-    x = experts(moe)
-    assert x.ep_size == 2 and sum(r.experts for r in x.ranks) == 32
+    x = settled(moe, lambda x: x.ep_size == 2)
+    assert sum(r.experts for r in x.ranks) == 32
 
 
 def test_scale_refusals_have_the_right_status(moe):
@@ -147,7 +159,7 @@ def test_scale_refusals_have_the_right_status(moe):
 
 def test_a_worker_killed_mid_stream_costs_no_stream_and_is_replaced(moe, reference):
     assert scale(moe, 3).ep_size == 3
-    victim = next(r for r in experts(moe).ranks if r.rank != "leader")
+    victim = next(r for r in settled(moe, lambda x: x.ep_size == 3).ranks if r.rank != "leader")
     done = threading.Event()
 
     def killer():
@@ -177,18 +189,15 @@ def test_a_worker_killed_mid_stream_costs_no_stream_and_is_replaced(moe, referen
 
 def test_a_scale_up_whose_new_worker_dies_before_its_copy_rolls_back(moe, reference):
     assert scale(moe, 1).ep_size == 1
-    deadline = time.monotonic() + 60
-    while experts(moe).warm_workers < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    idle = list(experts(moe).warm_pids)
+    idle = list(settled(moe, lambda x: x.ep_size == 1 and x.warm_workers == 2, timeout=60).warm_pids)
     assert len(idle) == 2 and 0 not in idle, idle
     for pid in idle:                     # the pool trusts its idle workers: the copy is their first call
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     r = scale(moe, 2)
     assert not r.ok and r.result.startswith("rolled back") and r.ep_size == 1, r
-    x = experts(moe)
-    assert x.ep_size == 1 and [k.rank for k in x.ranks] == ["leader"]
+    x = settled(moe, lambda x: "rolled back" in x.last_scale)
+    assert x.ep_size == 1 and x.target == 1 and [k.rank for k in x.ranks] == ["leader"]
     once = threading.Event()
     once.set()
     results = run_clients(moe, 2, once, seed=3)                         # serving goes on: one stream each
