@@ -214,3 +214,28 @@ def test_a_dense_model_refuses_expert_parallelism(ray_local):
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "dense model" in e.value.details()
         assert not c.instances()[iid].HasField("experts")
+
+
+def test_a_stream_migrates_between_moe_instances_at_different_ep_sizes(ray_local, reference):
+    """The KV lives on the leader, so live migration works for MoE instances as for dense ones, whatever EP
+    size either side runs at: the stream goes on with the unscaled run's tokens and contiguous seq."""
+    from tests.e2e.helpers import request
+
+    engine = {**MOE, "ep": dict(max_size=2, warm_workers=1, worker_num_cpus=0.1)}
+    with deployment("e2e-ep-mig", instances=2, engine=engine, rebalance=dict(auto=False)) as c:
+        r = c.admin.ScaleExperts(admin_pb2.ScaleExpertsRequest(instance_id="instance-0", ep_size=2), timeout=120)
+        assert r.ep_size == 2
+        ids, n = [5, 17, 99, 3, 42, 8, 61], 400
+        stream = c.gen.Generate(request(token_ids=ids, max_tokens=n, ignore_eos=True, request_id="moe-move"),
+                                timeout=300)
+        chunks = [next(stream)]
+        src = chunks[0].instance_id
+        dst = "instance-1" if src == "instance-0" else "instance-0"
+        moved = c.admin.MigrateRequest(admin_pb2.MigrateRequestRequest(request_id="moe-move", to_instance_id=dst),
+                                       timeout=120)
+        assert moved.migration.state == admin_pb2.MIGRATION_STATE_COMMITTED, moved.migration.reason
+        chunks += list(stream)
+        assert {ch.instance_id for ch in chunks} == {src, dst}
+        assert [ch.seq for ch in chunks] == list(range(len(chunks)))
+        want = reference.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        assert tokens_of(chunks) == want[0].new_token_ids
