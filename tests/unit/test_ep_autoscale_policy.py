@@ -1,6 +1,6 @@
-"""The EP autoscaling rule (and the reconcile step that runs it): grows after the step time stays high for the up window, shrinks after it stays low
-for the longer down window, resets in the band, waits out the cooldown, keeps min/max, never shrinks for a
-lost worker, and does nothing unless enabled."""
+"""The EP autoscaling rule (and the reconcile step that runs it): grows after the step time stays high for the
+up window, shrinks after it stays low for the longer down window, resets in the band, waits out the cooldown,
+keeps min/max, never shrinks for a lost worker, and does nothing unless enabled."""
 
 import asyncio
 from dataclasses import dataclass, field
