@@ -6,8 +6,10 @@ It composes parts that each do one job and do not know Ray (they talk to actors 
   fenced when dead; replaced;
 - `Moves` (orchestrator/moves.py): the migrations it starts, tracked until they end, and the rebalance ledger;
 - `Reconciler` (orchestrator/reconcile.py): the loop — observe, rebalance, pd, repair, checkpoint, broadcast;
-- `Admin` (orchestrator/admin.py): operators' commands (drain, undrain, rebalance, migrate, set-role);
+- `Admin` (orchestrator/admin.py): operators' commands (drain, undrain, rebalance, migrate, set-role, scale an
+  MoE instance's experts);
 - `Scaling` (orchestrator/scaling.py): the instance count, by the autoscaler or `tidal scale`;
+- `ExpertAutoscaler` (orchestrator/ep_scaling.py): MoE instances' EP size on step time (off by default);
 - `Intent` (orchestrator/intent.py): the target state in the state store, whose outages pause writes only;
 - `FrontendRegistry` (orchestrator/registry.py): the frontends the instance table is pushed to.
 
@@ -26,12 +28,12 @@ from typing import Callable
 from migration.protocol import MigrationRecord
 from orchestrator.admin import Admin, DrainReport
 from orchestrator.config import ServeConfig
+from orchestrator.ep_scaling import ExpertAutoscaler
 from orchestrator.fleet import Fleet, InstanceFactory, InstanceView, RayInstances
 from orchestrator.intent import Intent
 from orchestrator.moves import Moves
 from orchestrator.reconcile import Reconciler
 from orchestrator.registry import ControlState, FrontendRegistry
-from orchestrator.ep_scaling import ExpertAutoscaler
 from orchestrator.scaling import ScaleReport, Scaling
 from orchestrator.store import StateStore, StoreError, open_store
 from rpc import BackgroundTasks
