@@ -103,6 +103,7 @@ class InstanceActor:
             self._loop = asyncio.get_running_loop()
             if self.experts is not None:
                 self.tasks.spawn("expert worker pool", self.experts.pool.fill())
+                self.tasks.spawn("expert checksums", asyncio.to_thread(self.experts.reference_sums))
                 size = self.experts.config.size
                 if size > 1:
                     report = await self.experts.scale_to(size)

@@ -32,6 +32,8 @@ from instance.ep.worker import ExpertWeights
 
 log = logging.getLogger(__name__)
 
+COPY_CHUNK_BYTES = 64 << 20     # experts go to a worker in calls of at most this much (pipelined, bounded memory)
+
 
 class ExpertScaleError(Exception):
     """A scale request the instance refuses: `code` is a gRPC status name."""
@@ -179,25 +181,34 @@ class ExpertScaler:
         """Every moved expert into its new owner, checked against the leader's checksums."""
         d = self.dispatcher
         sums = await asyncio.to_thread(self.reference_sums)     # hashing off the event loop: steps go on
+        per_expert = max(1, self._bytes([Move(d.layers[0], 0, LEADER, "x")]))
+        chunk = max(1, COPY_CHUNK_BYTES // per_expert)
         pairs: dict[tuple[str, str], list[Key]] = {}
         for m in moves:
             if m.dst != LEADER:                 # the leader holds every expert already
                 pairs.setdefault((m.src, m.dst), []).append((m.layer, m.expert))
+        chunks = {(s, t, i): keys[i:i + chunk] for (s, t), keys in pairs.items() for i in range(0, len(keys), chunk)}
+
+        slots = asyncio.Semaphore(2)             # chunks in flight: bounds the copies' memory
 
         async def one(src: str, dst: str, keys: list[Key]) -> None:
+            async with slots:
+                await copy(src, dst, keys)
+
+        async def copy(src: str, dst: str, keys: list[Key]) -> None:
+            accepted.setdefault(dst, []).extend(keys)       # before the call: a rollback drops what may have landed
             if src == LEADER:
                 bundle = await asyncio.to_thread(
                     lambda: {k: ExpertWeights.of(d.banks[k[0]].expert(k[1])) for k in keys})
                 got = await workers[dst].accept(bundle)
             else:
                 got = await workers[dst].accept_from(workers[src], keys)
-            accepted.setdefault(dst, []).extend(keys)
             bad = [k for k in keys if got.get(k) != sums[k]]
             if bad:
                 raise ValueError(f"expert worker {dst} holds experts {bad[:4]} whose checksums differ from the "
                                  f"leader's")
 
-        results = await asyncio.gather(*(one(s, t, k) for (s, t), k in pairs.items()), return_exceptions=True)
+        results = await asyncio.gather(*(one(s, t, k) for (s, t, _), k in chunks.items()), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]

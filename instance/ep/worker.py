@@ -78,11 +78,10 @@ class ExpertWorker:
                 raise ChecksumMismatch(f"expert worker {self.name}: expert {key} arrived with checksum {got}, "
                                        f"sent as {w.checksum}")
             hidden, ffn = w.down.shape
-            m = SwiGLU(hidden, ffn).to(torch.from_numpy(np.array(w.down[:1])).dtype)
-            with torch.no_grad():
-                m.gate_up_proj.weight.copy_(torch.from_numpy(np.array(w.gate_up)))
-                m.down_proj.weight.copy_(torch.from_numpy(np.array(w.down)))
-            m.requires_grad_(False)
+            with torch.device("meta"):          # no random init of weights about to be replaced
+                m = SwiGLU(hidden, ffn)
+            m.gate_up_proj.weight = torch.nn.Parameter(torch.from_numpy(np.array(w.gate_up)), requires_grad=False)
+            m.down_proj.weight = torch.nn.Parameter(torch.from_numpy(np.array(w.down)), requires_grad=False)
             with torch.inference_mode():        # the first call of a module is slower: not in a served step
                 m(torch.zeros(1, hidden, dtype=m.down_proj.weight.dtype))
             built[key] = (m, got)
