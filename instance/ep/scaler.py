@@ -199,7 +199,7 @@ class ExpertScaler:
             accepted.setdefault(dst, []).extend(keys)       # before the call: a rollback drops what may have landed
             if src == LEADER:
                 bundle = await asyncio.to_thread(
-                    lambda: {k: ExpertWeights.of(d.banks[k[0]].expert(k[1])) for k in keys})
+                    lambda: {k: ExpertWeights.of(d.banks[k[0]].expert(k[1]), sums[k]) for k in keys})
                 got = await workers[dst].accept(bundle)
             else:
                 got = await workers[dst].accept_from(workers[src], keys)

@@ -40,10 +40,12 @@ class ExpertWeights:
     checksum: str
 
     @classmethod
-    def of(cls, module: SwiGLU) -> "ExpertWeights":
-        gate_up = module.gate_up_proj.weight.detach().numpy().copy()
-        down = module.down_proj.weight.detach().numpy().copy()
-        return cls(gate_up, down, checksum(gate_up, down))
+    def of(cls, module: SwiGLU, known_checksum: str | None = None) -> "ExpertWeights":
+        """Views of the module's weights (serving never writes them; sending copies them), with their checksum
+        (computed here unless the caller already holds it for these very tensors)."""
+        gate_up = module.gate_up_proj.weight.detach().numpy()
+        down = module.down_proj.weight.detach().numpy()
+        return cls(gate_up, down, known_checksum or checksum(gate_up, down))
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +97,7 @@ class ExpertWorker:
         missing = [k for k in keys if k not in self.experts]
         if missing:
             raise KeyError(f"expert worker {self.name} does not hold experts {missing[:4]}")
-        return {k: ExpertWeights.of(self.experts[k]) for k in keys}
+        return {k: ExpertWeights.of(self.experts[k], self.sums[k]) for k in keys}
 
     def drop(self, keys: list[Key]) -> int:
         for k in keys:
