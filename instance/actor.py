@@ -9,7 +9,8 @@ the frontend that owns each request, never through the scheduler.
 Its RPCs, which `rpc.instance.InstanceClient` calls: `start`, `stop`, `get_status`, `check_integrity`;
 `add_request`, `recover_request` (failover: re-prefill from the tokens a client has), `abort_request`,
 `request_info`; `migrate_out`, `list_migrations` (source); `migration_reserve`, `migration_receive`,
-`migration_commit`, `migration_abort` (destination).
+`migration_commit`, `migration_abort` (destination); `scale_experts` (an MoE instance's EP size: experts on
+expert-worker actors, instance/ep/).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from collections import deque
 
 from instance.backend import create_backend
 from instance.config import EngineConfig
+from instance.ep.dispatch import ExpertDispatcher
+from instance.ep.pool import WorkerPool
+from instance.ep.placement import rank_loads
+from instance.ep.scaler import ExpertScaleError, ExpertScaler, ScaleReport, placement_lines
 from instance.limits import REAP_INTERVAL_S, RECENT_MIGRATIONS_PER_INSTANCE
-from instance.messages import InstanceInfo, InstanceStatus
+from instance.messages import ExpertRankStatus, ExpertStatus, InstanceInfo, InstanceStatus
 from instance.migration_ports import EngineDestinationPort, EngineSourcePort
 from instance.request import RequestOutput
 from instance.sampling import SamplingParams
@@ -33,8 +38,9 @@ from migration.destination import MigrationDestination
 from migration.protocol import MigrationConfig, MigrationRecord, MigrationState
 from migration.source import migrate_out
 from migration.transport import create_transport
-from rpc import ActorDead, BackgroundTasks, Deadlines
+from rpc import ActorDead, ActorTimeout, BackgroundTasks, Deadlines
 from rpc.call import node_identity
+from rpc.expert import ExpertWorkerClient
 from rpc.frontend import FrontendClient
 from rpc.instance import InstanceClient
 
@@ -51,7 +57,8 @@ class InstanceActor:
             torch.set_num_threads(num_threads)
         self.instance_id = instance_id
         self.deadlines = Deadlines(**(deadlines or {}))
-        self.engine = create_backend(EngineConfig(**engine_config))
+        config = EngineConfig(**engine_config)
+        self.engine = create_backend(config)
         node_id, node_ip = node_identity()
         self.info = InstanceInfo(instance_id=instance_id, node_id=node_id, node_ip=node_ip,
                                  model=self.engine.model_name, max_model_len=self.engine.max_model_len,
@@ -70,7 +77,21 @@ class InstanceActor:
         self.tasks = BackgroundTasks(f"instance {instance_id}")
         self.me: InstanceClient | None = None
         self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.experts = self._expert_parallel(config)
         self._status = self._snapshot()
+
+    def _expert_parallel(self, config: EngineConfig) -> ExpertScaler | None:
+        """An MoE model's experts behind the EP dispatcher (at EP size 1 until start), with a pool of workers."""
+        blocks = self.engine.moe_blocks() if hasattr(self.engine, "moe_blocks") else {}
+        if not blocks:
+            return None
+        ep = config.ep
+        dispatcher = ExpertDispatcher(blocks, on_lost=self._expert_lost,
+                                      is_lost=lambda e: isinstance(e, (ActorDead, ActorTimeout)))
+        pool = WorkerPool(self.instance_id, ep.warm_workers, lambda name: ExpertWorkerClient.create(
+            name, ep.worker_num_cpus, self.deadlines, ep.layer_timeout_s, ep.copy_timeout_s))
+        return ExpertScaler(self.instance_id, dispatcher, pool, self.steps.between_steps, ep)
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> InstanceInfo:
@@ -79,6 +100,16 @@ class InstanceActor:
             self.me = InstanceClient.current(self.instance_id, self.deadlines)
             self.tasks.spawn("step loop", self.steps.run())
             self.tasks.spawn("reaper", self._reap_forever())
+            self._loop = asyncio.get_running_loop()
+            if self.experts is not None:
+                self.tasks.spawn("expert worker pool", self.experts.pool.fill())
+                self.tasks.spawn("expert checksums", asyncio.to_thread(self.experts.reference_sums))
+                size = self.experts.config.size
+                if size > 1:
+                    report = await self.experts.scale_to(size)
+                    if not report.ok:
+                        raise RuntimeError(f"instance {self.instance_id}: could not start at EP size {size}: "
+                                           f"{report.result}")
             log.info("instance %s serving %s (max_model_len %d)", self.instance_id, self.info.model,
                      self.info.max_model_len)
         return self.info
@@ -86,6 +117,10 @@ class InstanceActor:
     async def stop(self) -> None:
         self._stopping = True
         self.steps.stop()
+        if self.experts is not None:
+            self.experts.pool.close()
+            for worker in self.experts.dispatcher.workers.values():
+                worker.kill()
 
     async def get_status(self) -> InstanceStatus:
         return self._status
@@ -129,6 +164,40 @@ class InstanceActor:
     async def request_info(self, request_id: str):
         """Where one request stands (None if it is not here); a read, so it does not wait for the step."""
         return self.engine.request_info(request_id)
+
+    # ----- expert parallelism --------------------------------------------------------------------------------
+    async def scale_experts(self, ep_size: int, dry_run: bool = False) -> ScaleReport:
+        """Move to EP size `ep_size` while serving (see instance/ep/scaler.py); a report, whether it switched or
+        rolled back. ExpertScaleError (FAILED_PRECONDITION) on a dense model, (INVALID_ARGUMENT) out of range."""
+        if self.experts is None:
+            raise ExpertScaleError("FAILED_PRECONDITION", f"{self.instance_id} serves {self.info.model}, a dense "
+                                   f"model; expert parallelism needs an MoE model (e.g. tiny-moe, smollm2-135m-moe)")
+        try:
+            return await self.experts.scale_to(ep_size, dry_run)
+        finally:
+            self.steps.nudge()
+
+    def _expert_lost(self, rank: str, why: str) -> None:
+        """From the engine thread: a worker was lost mid-step; repair the EP size on the event loop."""
+        if self._loop is not None and not self._stopping:
+            self._loop.call_soon_threadsafe(lambda: self.tasks.spawn(f"repair EP after {rank}",
+                                                                     self.experts.repair()))
+
+    def _expert_status(self) -> ExpertStatus | None:
+        x = self.experts
+        if x is None:
+            return None
+        d = x.dispatcher
+        shares = rank_loads(d.placement, d.observed_load())
+        lines = placement_lines(d)
+        ranks = tuple(ExpertRankStatus(r, len(d.placement.experts_of(r)), shares.get(r, 0.0),
+                                       os.getpid() if r == "leader" else x.pool.pids.get(r, 0), lines.get(r, ()))
+                      for r in d.placement.ranks())
+        last = ""
+        if x.last is not None:
+            last = f"EP {x.last.previous} -> {x.last.ep_size} {x.last.result} ({x.last.total_ms:.0f} ms)"
+        return ExpertStatus(d.ep_size, x.target, x.config.max_size, ranks, len(x.pool.idle), x.in_flight, last,
+                            d.remote_ms_per_layer(), len(d.lost), tuple(x.pool.pids.get(w.name, 0) for w in x.pool.idle))
 
     # ----- migration: source half ---------------------------------------------------------------------------
     async def migrate_out(self, request_id: str, dst: InstanceClient, migration_id: str | None = None,
@@ -202,7 +271,8 @@ class InstanceActor:
     def _snapshot(self) -> InstanceStatus:
         return InstanceStatus(self.instance_id, self.engine.load(), self.steps.steps, len(self.streams),
                               requests=tuple(self.engine.list_requests()),
-                              migrations_out=len(self.outgoing), migrations_in=len(self.incoming.inbound))
+                              migrations_out=len(self.outgoing), migrations_in=len(self.incoming.inbound),
+                              experts=self._expert_status())
 
     # ----- housekeeping --------------------------------------------------------------------------------------
     async def _reap_forever(self) -> None:

@@ -15,6 +15,28 @@ from instance.limits import MAX_MODEL_LEN_CAP
 DEFAULT_MODEL = "smollm2-135m"
 
 
+class ExpertParallelConfig(BaseModel):
+    """Expert parallelism of an MoE instance: its experts on expert-worker actors beside the leader.
+    EP size N = the leader plus N-1 workers; N = 1 keeps every expert on the leader."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size: int = Field(1, ge=1, le=64, description="EP size the instance starts at (1 = all experts on the leader)")
+    max_size: int = Field(4, ge=1, le=64, description="largest EP size `tidal scale INSTANCE --ep N` accepts")
+    warm_workers: int = Field(1, ge=0, le=64, description="empty expert workers kept started, ready to take "
+                                                          "experts (MoE models only)")
+    worker_num_cpus: float = Field(0.25, gt=0, description="Ray CPUs each expert worker asks for")
+    layer_timeout_s: float = Field(10.0, gt=0, description="a worker that does not answer a layer's rows within "
+                                                           "this is lost (its experts go back to the leader)")
+    copy_timeout_s: float = Field(60.0, gt=0, description="one copy of experts into a worker during a scale")
+
+    @model_validator(mode="after")
+    def _size_within_max(self):
+        if self.size > self.max_size:
+            raise ValueError(f"ep.size ({self.size}) must not exceed ep.max_size ({self.max_size})")
+        return self
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -44,6 +66,8 @@ class EngineConfig(BaseModel):
     deterministic: bool = Field(False, description="every token's logits independent of its batch, chunking and "
                                                "prefill vs decode, bit for bit (padded products and chunked "
                                                "attention; instance/model/llama.py)")
+    ep: ExpertParallelConfig = Field(default_factory=ExpertParallelConfig,
+                                     description="expert parallelism (MoE models; the instance actor runs it)")
 
     @model_validator(mode="after")
     def _top_k_within_experts(self):

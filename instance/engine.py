@@ -126,6 +126,10 @@ class Engine(EngineBackend):
         return [RequestOutput(i, tokens[i], text[i], True, final[i].finish_reason, final[i].num_prompt_tokens,
                               final[i].num_output_tokens) for i in ids]
 
+    def moe_blocks(self) -> dict:
+        """layer -> the model's sparse MoE block (empty for a dense model): where expert parallelism hooks in."""
+        return self.runner.model.moe_blocks()
+
     # ----- load ------------------------------------------------------------------------------------------------
     def load(self) -> LoadSnapshot:
         now = time.monotonic()

@@ -36,6 +36,33 @@ class InstanceInfo:
 
 
 @dataclass(frozen=True)
+class ExpertRankStatus:
+    """One rank of an MoE instance's expert parallelism: the leader or an expert worker."""
+
+    rank: str
+    experts: int                   # (layer, expert) pairs it computes
+    load_share: float              # its share of the routed tokens (moving average)
+    pid: int = 0
+    layers: tuple[str, ...] = ()   # "layer:expert,expert,..." per layer
+
+
+@dataclass(frozen=True)
+class ExpertStatus:
+    """Expert parallelism of an MoE instance (None on a dense one)."""
+
+    ep_size: int
+    target: int                    # the size asked for (above ep_size while a lost worker is being replaced)
+    max_size: int
+    ranks: tuple[ExpertRankStatus, ...]
+    warm_workers: int              # idle workers ready to take experts
+    scaling: str = ""              # the operation in flight, if any
+    last_scale: str = ""
+    remote_ms_per_layer: float = 0.0   # mean wait for remote ranks per layer call (after the leader's share)
+    workers_lost: int = 0
+    warm_pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class InstanceStatus:
     """An instance's load as observed after one of its steps."""
 
@@ -46,3 +73,4 @@ class InstanceStatus:
     requests: tuple[RequestInfo, ...] = ()      # what the migration policy chooses from
     migrations_out: int = 0        # outgoing migrations in flight
     migrations_in: int = 0         # incoming migrations in flight (reservations held)
+    experts: ExpertStatus | None = None     # expert parallelism (MoE models)

@@ -1,4 +1,5 @@
-"""Operators' commands: drain, undrain, rebalance, migrate one request, set a role, list migrations.
+"""Operators' commands: drain, undrain, rebalance, migrate one request, set a role, list migrations, scale an
+MoE instance's expert parallelism.
 
 They run beside the reconcile loop, over the same fleet and migrations, and plan with the same pure policies.
 A command whose effect changes dispatch (drain, undrain, set-role) stores the new intent first and returns
@@ -17,13 +18,14 @@ from typing import Any, Callable
 from instance.limits import DRAIN_RETRIES
 from migration.protocol import MigrationRecord, MigrationState
 from orchestrator.config import ServeConfig
-from orchestrator.errors import failed_precondition, not_found
+from orchestrator.errors import AdminError, failed_precondition, not_found
 from orchestrator.fleet import DEAD, DRAINING, SERVING, Fleet, Member
 from orchestrator.intent import Intent
 from orchestrator.moves import Moves
 from orchestrator.policies.migration import InstanceState, PlannedMove, plan_drain
 from orchestrator.policies.pd import check_role
 from orchestrator.registry import FrontendRegistry
+from rpc import Rejected
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,24 @@ class Admin:
         log.info("drain %s: %d moved, %d could not move, %d remaining", instance_id, len(moved), len(not_moved),
                  len(left))
         return DrainReport(instance_id, moved, not_moved, len(left))
+
+    # ----- expert parallelism -------------------------------------------------------------------------------
+    async def scale_experts(self, instance_id: str, ep_size: int, dry_run: bool = False):
+        """Change an MoE instance's EP size while it serves; the instance plans, copies and switches
+        (instance/ep/scaler.py). Its refusals keep their status (INVALID_ARGUMENT, FAILED_PRECONDITION)."""
+        m = self.fleet.get(instance_id)
+        if m.state == DEAD:
+            raise failed_precondition(f"{instance_id} is dead; it has no experts to scale")
+        log.info("scale %s: EP size %d%s asked", instance_id, ep_size, " (dry run)" if dry_run else "")
+        try:
+            report = await m.client.scale_experts(ep_size, dry_run, timeout_s=self.config.deadlines.startup_s)
+        except Rejected as e:
+            code = getattr(e.cause, "code", None)
+            if isinstance(code, str):
+                raise AdminError(code, getattr(e.cause, "message", str(e.cause))) from None
+            raise
+        log.info("scale %s: EP %d -> %d %s", instance_id, report.previous, report.ep_size, report.result)
+        return report
 
     async def list_migrations(self) -> tuple[list[MigrationRecord], list[MigrationRecord]]:
         live = self.fleet.live()

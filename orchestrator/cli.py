@@ -7,6 +7,7 @@
     tidal drain INSTANCE | undrain INSTANCE | rebalance | migrate REQUEST_ID [--to INSTANCE]
     tidal set-role INSTANCE prefill|decode|both
     tidal scale --instances N
+    tidal scale INSTANCE --ep N [--dry-run]
 """
 
 from __future__ import annotations
@@ -98,8 +99,12 @@ def _add_client(sub) -> None:
     sr = sub.add_parser("set-role", help="make an instance prefill, decode or both; what no longer fits moves")
     sr.add_argument("instance")
     sr.add_argument("role", choices=["prefill", "decode", "both"])
-    sc = sub.add_parser("scale", help="run N instances (a removed one is drained by migration first)")
-    sc.add_argument("--instances", type=int, required=True, help="how many instances to run")
+    sc = sub.add_parser("scale", help="run N instances (a removed one is drained by migration first), or run an "
+                                      "MoE instance's experts on N ranks (INSTANCE --ep N) while it serves")
+    sc.add_argument("instance", nargs="?", help="with --ep: the MoE instance whose expert parallelism to change")
+    sc.add_argument("--instances", type=int, help="how many instances to run")
+    sc.add_argument("--ep", type=int, help="EP size: the leader plus N-1 expert workers")
+    sc.add_argument("--dry-run", action="store_true", help="with --ep: show the moves, change nothing")
     for p in (d, u, r, m, sr, sc):
         p.add_argument("--addr", default=default_addr())
         p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
@@ -241,6 +246,9 @@ def cmd_status(args) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(format_status(resp.instances))
+    experts = format_experts(resp.instances)
+    if experts:
+        print(f"\nexpert parallelism:\n{experts}")
     if resp.control_plane.target_instances:
         print(f"\n{format_scaling(resp.control_plane)}")
     for line in control_plane_problems(resp.control_plane):
@@ -366,6 +374,11 @@ def cmd_migrate(args) -> int:
 def cmd_scale(args) -> int:
     from tidal.v1 import admin_pb2
 
+    if (args.ep is None) == (args.instances is None) or (args.ep is not None) != (args.instance is not None):
+        print("tidal scale: give either --instances N, or INSTANCE --ep N [--dry-run]", file=sys.stderr)
+        return EXIT_FAILED
+    if args.ep is not None:
+        return scale_experts(args)
     try:
         r = _admin(args, "ScaleInstances", admin_pb2.ScaleInstancesRequest(instances=args.instances))
     except grpc.RpcError as e:
@@ -378,6 +391,51 @@ def cmd_scale(args) -> int:
     for nm in r.not_moved:
         print(f"  finished in place: {nm.request_id}: {nm.reason}")
     return 0 if r.instances == args.instances else EXIT_FAILED
+
+
+def scale_experts(args) -> int:
+    from tidal.v1 import admin_pb2
+
+    try:
+        r = _admin(args, "ScaleExperts", admin_pb2.ScaleExpertsRequest(instance_id=args.instance, ep_size=args.ep,
+                                                                       dry_run=args.dry_run))
+    except grpc.RpcError as e:
+        return _rpc_failed("scale", args.addr, e)
+    print(f"scale {r.instance_id}: EP {r.previous} -> {r.ep_size if not args.dry_run else args.ep} ({r.result}); "
+          f"{len(r.moves)} experts {'would move' if args.dry_run else 'moved'} ({r.bytes_moved / 1e6:.1f} MB) "
+          f"over {', '.join(r.ranks)}")
+    if not args.dry_run and r.ok and r.result != "no-op":
+        print(f"  prepare {r.prepare_ms:.0f} ms, copy while serving {r.transfer_ms:.0f} ms, switch "
+              f"{r.switch_ms:.1f} ms, total {r.total_ms:.0f} ms")
+    if args.dry_run:
+        for m in r.moves[:20]:
+            print(f"  layer {m.layer} expert {m.expert}: {m.src} -> {m.dst}")
+    return 0 if r.ok else EXIT_FAILED
+
+
+def format_experts(instances) -> str:
+    """Expert parallelism of the MoE instances: EP size, and each rank's experts and load share."""
+    rows = [("INSTANCE", "EP", "RANK", "PID", "EXPERTS", "LOAD", "PLACEMENT (layer:experts)")]
+    notes = []
+    for inst in instances:
+        x = inst.experts
+        if not inst.HasField("experts"):
+            continue
+        size = f"{x.ep_size}" + (f" (target {x.target})" if x.target != x.ep_size else "")
+        for r in x.ranks:
+            placement = " ".join(r.layers[:3]) + (" ..." if len(r.layers) > 3 else "")
+            rows.append((inst.instance_id, size, r.rank, str(r.pid), str(r.experts), f"{100 * r.load_share:.0f}%",
+                         placement))
+        note = (f"{inst.instance_id}: max EP {x.max_size}, {x.warm_workers} warm workers, remote wait "
+                f"{x.remote_ms_per_layer:.2f} ms per layer, {x.workers_lost} workers lost")
+        if x.scaling:
+            note += f"; scaling {x.scaling}"
+        if x.last_scale:
+            note += f"; last: {x.last_scale}"
+        notes.append(note)
+    if not notes:
+        return ""
+    return format_table(rows, right_align=False) + "\n" + "\n".join(notes)
 
 
 def cmd_bench(args) -> int:

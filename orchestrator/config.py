@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from instance.config import EngineConfig
 from migration.protocol import MigrationConfig
 from orchestrator.policies.autoscale import AutoscaleConfig
+from orchestrator.policies.ep_autoscale import EPAutoscaleConfig
 from orchestrator.policies.migration import MigrationPolicyConfig
 from orchestrator.policies.pd import AdaptiveConfig
 from orchestrator.security import CLIENT_KEY_ENV, SecurityConfig, keys_from_env
@@ -109,6 +110,7 @@ class ServeConfig(BaseModel):
     pd: PdConfig = Field(default_factory=PdConfig)
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    ep_autoscale: EPAutoscaleConfig = Field(default_factory=EPAutoscaleConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -636,6 +636,14 @@ def view_to_proto(v: InstanceView) -> admin_pb2.Instance:
     if v.status is not None:
         msg.load.CopyFrom(admin_pb2.InstanceLoad(**v.status.load.to_dict()))
         msg.load_age_s = max(0.0, time.time() - v.observed_at)
+        x = getattr(v.status, "experts", None)
+        if x is not None:
+            msg.experts.CopyFrom(admin_pb2.ExpertParallel(
+                ep_size=x.ep_size, target=x.target, max_size=x.max_size, warm_workers=x.warm_workers,
+                scaling=x.scaling, last_scale=x.last_scale, remote_ms_per_layer=x.remote_ms_per_layer,
+                workers_lost=x.workers_lost, warm_pids=list(x.warm_pids),
+                ranks=[admin_pb2.ExpertRank(rank=r.rank, experts=r.experts, load_share=r.load_share, pid=r.pid,
+                                            layers=list(r.layers)) for r in x.ranks]))
     return msg
 
 
@@ -708,6 +716,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ScaleInstancesResponse(
             previous=r.previous, instances=r.target, added=r.added, removed=r.removed, reason=r.reason,
             not_moved=[admin_pb2.NotMoved(request_id=rid, reason=why) for rid, why in r.not_moved])
+
+    async def ScaleExperts(self, request, context):
+        r = await self._admin(context, self.fe.scheduler.scale_experts(request.instance_id, request.ep_size,
+                                                                       request.dry_run))
+        return admin_pb2.ScaleExpertsResponse(
+            instance_id=r.instance_id, previous=r.previous, ep_size=r.ep_size, result=r.result, ok=r.ok,
+            moves=[admin_pb2.ExpertMove(layer=m.layer, expert=m.expert, src=m.src, dst=m.dst) for m in r.moves],
+            bytes_moved=r.bytes_moved, prepare_ms=r.prepare_ms, transfer_ms=r.transfer_ms, switch_ms=r.switch_ms,
+            total_ms=r.total_ms, ranks=list(r.ranks))
 
     async def SetRole(self, request, context):
         role = {value: name for name, value in INSTANCE_ROLES.items()}.get(request.role)

@@ -6,8 +6,10 @@ It composes parts that each do one job and do not know Ray (they talk to actors 
   fenced when dead; replaced;
 - `Moves` (orchestrator/moves.py): the migrations it starts, tracked until they end, and the rebalance ledger;
 - `Reconciler` (orchestrator/reconcile.py): the loop — observe, rebalance, pd, repair, checkpoint, broadcast;
-- `Admin` (orchestrator/admin.py): operators' commands (drain, undrain, rebalance, migrate, set-role);
+- `Admin` (orchestrator/admin.py): operators' commands (drain, undrain, rebalance, migrate, set-role, scale an
+  MoE instance's experts);
 - `Scaling` (orchestrator/scaling.py): the instance count, by the autoscaler or `tidal scale`;
+- `ExpertAutoscaler` (orchestrator/ep_scaling.py): MoE instances' EP size on step time (off by default);
 - `Intent` (orchestrator/intent.py): the target state in the state store, whose outages pause writes only;
 - `FrontendRegistry` (orchestrator/registry.py): the frontends the instance table is pushed to.
 
@@ -26,6 +28,7 @@ from typing import Callable
 from migration.protocol import MigrationRecord
 from orchestrator.admin import Admin, DrainReport
 from orchestrator.config import ServeConfig
+from orchestrator.ep_scaling import ExpertAutoscaler
 from orchestrator.fleet import Fleet, InstanceFactory, InstanceView, RayInstances
 from orchestrator.intent import Intent
 from orchestrator.metrics import ControlMetrics
@@ -62,11 +65,17 @@ class GlobalScheduler:
         self.scaling = Scaling(cfg, self.fleet, self.admin, self.intent,
                                lambda: self.frontends.push_now(self.fleet.views()), self.tasks, clock)
         self.reconciler = Reconciler(cfg, self.fleet, self.moves, self.intent, self.frontends, self.admin.set_role,
-                                     self._resume, self.tasks, clock, autoscale=self.scaling.autoscale,
+                                     self._resume, self.tasks, clock, autoscale=self._autoscale,
                                      metrics=self.metrics)
+        self.ep_autoscale = ExpertAutoscaler(cfg.ep_autoscale, self.fleet, self.admin, self.tasks, clock)
         self._start_lock = asyncio.Lock()
         self._run_loop = run_loop
         self._started = False
+
+    def _autoscale(self) -> None:
+        """The reconcile loop's autoscale step: the instance count, then MoE instances' EP sizes."""
+        self.scaling.autoscale()
+        self.ep_autoscale.step()
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
     async def start(self, observed: list[InstanceView] | None = None) -> list[InstanceView]:
@@ -148,3 +157,6 @@ class GlobalScheduler:
 
     async def scale_instances(self, instances: int) -> ScaleReport:
         return await self.scaling.scale_to(instances)
+
+    async def scale_experts(self, instance_id: str, ep_size: int, dry_run: bool = False):
+        return await self.admin.scale_experts(instance_id, ep_size, dry_run)

@@ -93,6 +93,11 @@ class InstanceClient(ActorClient):
     def request_info(self, request_id: str) -> "Call[RequestInfo | None]":
         return self._call("request_info", request_id)
 
+    # ----- expert parallelism --------------------------------------------------------------------------------
+    def scale_experts(self, ep_size: int, dry_run: bool = False, timeout_s: float | None = None) -> "Call[Any]":
+        """An MoE instance's EP size (instance.ep.scaler.ScaleReport); it may start workers and copy experts."""
+        return self._call("scale_experts", ep_size, dry_run, timeout_s=timeout_s or self.deadlines.startup_s)
+
     # ----- migration -----------------------------------------------------------------------------------------
     def migrate_out(self, request_id: str, dst: "InstanceClient", migration_id: str | None = None,
                     handoff: bool = False) -> "Call[MigrationRecord]":

@@ -90,6 +90,10 @@ class SchedulerClient(ActorClient):
     def set_role(self, instance_id: str, role: str) -> Call[str]:
         return self._call("set_role", instance_id, role)
 
+    def scale_experts(self, instance_id: str, ep_size: int, dry_run: bool = False) -> Call:
+        return self._call("scale_experts", instance_id, ep_size, dry_run,
+                          timeout_s=self.deadlines.command_s(self.deadlines.startup_s))
+
     def scale_instances(self, instances: int) -> Call:
         d = self.deadlines
         return self._call("scale_instances", instances, timeout_s=d.command_s(d.startup_s + d.drain_work_s))

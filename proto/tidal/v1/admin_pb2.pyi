@@ -91,7 +91,7 @@ class InstanceLoad(_message.Message):
     def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_preempted: _Optional[int] = ..., num_suspended: _Optional[int] = ..., head_demand_blocks: _Optional[int] = ..., waiting_demand_blocks: _Optional[int] = ..., running_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., num_preemptions_total: _Optional[int] = ..., num_high_priority: _Optional[int] = ..., head_wait_s: _Optional[float] = ..., remaining_output_tokens: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "node_id", "node_ip", "state", "model", "load", "load_age_s", "role")
+    __slots__ = ("instance_id", "node_id", "node_ip", "state", "model", "load", "load_age_s", "role", "experts")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_IP_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class Instance(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LOAD_AGE_S_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     node_id: str
     node_ip: str
@@ -108,7 +109,96 @@ class Instance(_message.Message):
     load: InstanceLoad
     load_age_s: float
     role: InstanceRole
-    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., model: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., load_age_s: _Optional[float] = ..., role: _Optional[_Union[InstanceRole, str]] = ...) -> None: ...
+    experts: ExpertParallel
+    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., model: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., load_age_s: _Optional[float] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., experts: _Optional[_Union[ExpertParallel, _Mapping]] = ...) -> None: ...
+
+class ExpertRank(_message.Message):
+    __slots__ = ("rank", "experts", "load_share", "pid", "layers")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SHARE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    rank: str
+    experts: int
+    load_share: float
+    pid: int
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rank: _Optional[str] = ..., experts: _Optional[int] = ..., load_share: _Optional[float] = ..., pid: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExpertParallel(_message.Message):
+    __slots__ = ("ep_size", "target", "max_size", "ranks", "warm_workers", "scaling", "last_scale", "remote_ms_per_layer", "workers_lost", "warm_pids")
+    EP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    WARM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    LAST_SCALE_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_MS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_LOST_FIELD_NUMBER: _ClassVar[int]
+    WARM_PIDS_FIELD_NUMBER: _ClassVar[int]
+    ep_size: int
+    target: int
+    max_size: int
+    ranks: _containers.RepeatedCompositeFieldContainer[ExpertRank]
+    warm_workers: int
+    scaling: str
+    last_scale: str
+    remote_ms_per_layer: float
+    workers_lost: int
+    warm_pids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ep_size: _Optional[int] = ..., target: _Optional[int] = ..., max_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[ExpertRank, _Mapping]]] = ..., warm_workers: _Optional[int] = ..., scaling: _Optional[str] = ..., last_scale: _Optional[str] = ..., remote_ms_per_layer: _Optional[float] = ..., workers_lost: _Optional[int] = ..., warm_pids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ScaleExpertsRequest(_message.Message):
+    __slots__ = ("instance_id", "ep_size", "dry_run")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    EP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    ep_size: int
+    dry_run: bool
+    def __init__(self, instance_id: _Optional[str] = ..., ep_size: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ExpertMove(_message.Message):
+    __slots__ = ("layer", "expert", "src", "dst")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    src: str
+    dst: str
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ...) -> None: ...
+
+class ScaleExpertsResponse(_message.Message):
+    __slots__ = ("instance_id", "previous", "ep_size", "result", "ok", "moves", "bytes_moved", "prepare_ms", "transfer_ms", "switch_ms", "total_ms", "ranks")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    EP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    previous: int
+    ep_size: int
+    result: str
+    ok: bool
+    moves: _containers.RepeatedCompositeFieldContainer[ExpertMove]
+    bytes_moved: int
+    prepare_ms: float
+    transfer_ms: float
+    switch_ms: float
+    total_ms: float
+    ranks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance_id: _Optional[str] = ..., previous: _Optional[int] = ..., ep_size: _Optional[int] = ..., result: _Optional[str] = ..., ok: _Optional[bool] = ..., moves: _Optional[_Iterable[_Union[ExpertMove, _Mapping]]] = ..., bytes_moved: _Optional[int] = ..., prepare_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., switch_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., ranks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
     __slots__ = ()

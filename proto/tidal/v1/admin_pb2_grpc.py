@@ -80,6 +80,11 @@ class AdminServiceStub:
                 request_serializer=tidal_dot_v1_dot_admin__pb2.ScaleInstancesRequest.SerializeToString,
                 response_deserializer=tidal_dot_v1_dot_admin__pb2.ScaleInstancesResponse.FromString,
                 _registered_method=True)
+        self.ScaleExperts = channel.unary_unary(
+                '/tidal.v1.AdminService/ScaleExperts',
+                request_serializer=tidal_dot_v1_dot_admin__pb2.ScaleExpertsRequest.SerializeToString,
+                response_deserializer=tidal_dot_v1_dot_admin__pb2.ScaleExpertsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -154,6 +159,17 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScaleExperts(self, request, context):
+        """Run an MoE instance at EP size N (the leader plus N-1 expert workers) while it serves: the moved experts
+        are copied while the old placement serves, and the placement switches between two engine steps. A
+        failure before the switch rolls back (result says why; serving goes on). The size it is at is a no-op.
+        NOT_FOUND unknown instance; INVALID_ARGUMENT N outside 1..ep.max_size; FAILED_PRECONDITION a dense model
+        or a dead instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +217,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ScaleInstances,
                     request_deserializer=tidal_dot_v1_dot_admin__pb2.ScaleInstancesRequest.FromString,
                     response_serializer=tidal_dot_v1_dot_admin__pb2.ScaleInstancesResponse.SerializeToString,
+            ),
+            'ScaleExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleExperts,
+                    request_deserializer=tidal_dot_v1_dot_admin__pb2.ScaleExpertsRequest.FromString,
+                    response_serializer=tidal_dot_v1_dot_admin__pb2.ScaleExpertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +468,33 @@ class AdminService:
             '/tidal.v1.AdminService/ScaleInstances',
             tidal_dot_v1_dot_admin__pb2.ScaleInstancesRequest.SerializeToString,
             tidal_dot_v1_dot_admin__pb2.ScaleInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidal.v1.AdminService/ScaleExperts',
+            tidal_dot_v1_dot_admin__pb2.ScaleExpertsRequest.SerializeToString,
+            tidal_dot_v1_dot_admin__pb2.ScaleExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,
