@@ -10,8 +10,8 @@ together, each prefill chunk on its own.
 Deterministic mode (`LlamaModel.set_deterministic`): a row's result depends only on its own inputs, never on
 which rows share its batch, how its prompt was chunked, or whether it was prefilled or decoded. Measured on
 torch's CPU build (tests/unit/test_determinism.py keeps it so): BLAS takes another kernel for products with
-fewer than 4 rows (fewer than 12 on two threads), so no product here sees fewer than MIN_ROWS rows (shorter
-inputs are padded); pointwise ops and row reductions are row-local already; and attention is our own
+fewer than 4 rows (fewer than 12 on two threads), so no product here sees fewer than that (shorter inputs
+are padded; `exact.min_rows`); pointwise ops and row reductions are row-local already; and attention is our own
 (`_exact_attention`): keys read from the cache after the new ones are written, scores and the weighted sum of
 values computed in chunks of KV_CHUNK keys counted from position 0 with fixed-shape products, so keys past a
 row's position contribute exact zeros and a decode row meets the same float operations as the same row in a
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instance.model.exact import (KV_CHUNK, MIN_ROWS, Linear, chunk_multiple, chunked_attention, padded_keys,
-                                  padded_rows)
+from instance.model.exact import (Linear, chunk_multiple, chunked_attention, padded_keys,
+                                  min_rows, padded_rows)
 from instance.model.experts import SwiGLU
 from instance.model.moe import MoEArch, SparseMoE
 
@@ -132,6 +132,7 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(arch.hidden_size, q + 2 * kv, bias=arch.attention_bias)
         self.o_proj = Linear(q, arch.hidden_size, bias=False)
         self.exact = False                                # deterministic mode: _exact_attention
+        self.min_rows = 0
         self.scale = arch.head_dim ** -0.5
         self.qk_norm = arch.qk_norm
         if arch.qk_norm is not None:
@@ -201,7 +202,7 @@ class Attention(nn.Module):
             vd = padded_keys(v_cache.index_select(0, flat).view(nd, -1, kvh, d), length).permute(0, 2, 1, 3)
             allowed = batch.decode_mask.view(nd, 1, 1, -1)
             allowed = torch.cat([allowed, allowed.new_zeros(nd, 1, 1, length - allowed.shape[-1])], -1)
-            qd = padded_rows(q[:nd].view(nd, kvh, g, d).permute(2, 0, 1, 3), max(g, MIN_ROWS))   # [m, nd, kvh, d]
+            qd = padded_rows(q[:nd].view(nd, kvh, g, d).permute(2, 0, 1, 3), max(g, self.min_rows))   # [m, nd, kvh, d]
             od = chunked_attention(qd.permute(1, 2, 0, 3), kd, vd, allowed, self.scale)           # [nd, kvh, m, d]
             out[:nd] = od[:, :, :g].reshape(nd, h, d)
         for p in batch.prefills:
@@ -210,7 +211,7 @@ class Attention(nn.Module):
             kp = padded_keys(k_cache.index_select(0, p.block_table).view(-1, kvh, d), length).transpose(0, 1)
             vp = padded_keys(v_cache.index_select(0, p.block_table).view(-1, kvh, d), length).transpose(0, 1)
             rows = q[p.start:p.start + n].view(n, kvh, g, d).permute(0, 2, 1, 3)                  # [n, g, kvh, d]
-            qp = padded_rows(rows.reshape(n * g, kvh, d), MIN_ROWS).transpose(0, 1)            # [kvh, m, d]
+            qp = padded_rows(rows.reshape(n * g, kvh, d), self.min_rows).transpose(0, 1)            # [kvh, m, d]
             pos = torch.arange(first, first + n, device=q.device).repeat_interleave(g)
             pos = torch.cat([pos, pos.new_full((qp.shape[1] - pos.shape[0],), -1)])
             allowed = torch.arange(length, device=q.device)[None, :] <= pos[:, None]                # [m, length]
@@ -257,9 +258,10 @@ class LlamaModel(nn.Module):
 
     def set_deterministic(self, on: bool) -> None:
         """Deterministic mode (module docstring): padded products and our own chunked attention."""
+        rows = min_rows(torch.get_num_threads()) if on else 0
         for m in self.modules():
-            if isinstance(m, Linear):
-                m.min_rows = MIN_ROWS if on else 0
+            if isinstance(m, (Linear, Attention)):
+                m.min_rows = rows
             if isinstance(m, Attention):
                 m.exact = on
 

@@ -278,20 +278,20 @@ def test_resume_from_streamed_tokens_continues_identically(engine, params):
 
 
 def test_a_request_resumed_from_its_tokens_goes_on_as_without_the_fault():
-    """Failover recompute: prefill of prompt + the tokens the client has, then the same seeded draws. The
-    re-prefilled KV equals the decode-computed one up to float rounding, so streams agree token for token
-    except at a near-tie draw (seed 107 has one at token 107, margin 1.5e-5)."""
-    from tests.e2e.helpers import TINY, assert_resumed_identically, reference_with_margins
+    """Failover recompute: prefill of prompt + the tokens the client has, then the same seeded draws. In
+    deterministic mode the re-prefilled KV is the decode-computed one bit for bit, so the stream is exactly the
+    fault-free one (seed 107 has a draw with margin 1.5e-5 at token 107, which the fast path can flip)."""
+    from tests.e2e.helpers import TINY
 
-    e = Engine(**TINY)
+    e = Engine(**TINY, deterministic=True)
     for seed in (103, 107):
         params = SamplingParams(max_tokens=300, temperature=0.8, top_p=0.95, seed=seed, ignore_eos=True)
         prompt = f"failover request {seed - 100}"
-        full, margins = reference_with_margins(e, prompt, params)
+        full = e.generate([prompt], params)[0].new_token_ids
         for cut in (5, 107, 250):
             e.resume_from_tokens("r", e.tokenizer.encode(prompt), full[:cut], params, seed, 0, 0)
             rest = []
             while e.has_unfinished():
                 rest += [t for o in e.step() for t in o.new_token_ids]
-            assert_resumed_identically(full[:cut] + rest, full, margins, f"seed {seed} cut {cut}")
+            assert full[:cut] + rest == full, f"seed {seed} cut {cut}"
     e.check_integrity()
