@@ -20,7 +20,7 @@ import os
 import uuid
 from collections import deque
 
-from instance.backend import create_backend
+from instance.backends import create_backend
 from instance.config import EngineConfig
 from instance.limits import REAP_INTERVAL_S, RECENT_MIGRATIONS_PER_INSTANCE
 from instance.messages import InstanceInfo, InstanceStatus
