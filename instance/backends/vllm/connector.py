@@ -64,6 +64,7 @@ class Load:
     vllm_id: str
     key: str
     block_ids: list[int]
+    done: bool = False        # the worker may be handed one step's metadata more than once
 
 
 @dataclass
@@ -198,6 +199,9 @@ class TidalKVConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         for load in getattr(meta, "loads", ()):
+            if load.done:
+                continue
+            load.done = True
             staged = self.shared.staged.pop(load.key, None)
             if staged is None:
                 raise RuntimeError(f"Tidal connector: nothing staged under {load.key} for {load.vllm_id}")

@@ -117,7 +117,11 @@ class VllmBackend(EngineBackend):
             disable_log_stats=True,
         )
         start = time.perf_counter()
-        self.llm = LLMEngine.from_engine_args(args)
+        previous = internals.swap_worker_connector(None)     # so this engine gets a worker connector of its own
+        try:
+            self.llm = LLMEngine.from_engine_args(args)
+        finally:
+            self._worker_connector = internals.swap_worker_connector(previous)
         self._sched = internals.scheduler(self.llm)
         self.num_blocks = internals.num_total_blocks(self._sched)
         if self.num_blocks * self.block_size < self.max_model_len:
@@ -199,6 +203,7 @@ class VllmBackend(EngineBackend):
     # ----- one step --------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        self._internals.swap_worker_connector(self._worker_connector)
         outs = self.llm.step()
         elapsed = time.perf_counter() - start
         self._steps.append((time.monotonic(), elapsed, self._shared.step_tokens))

@@ -18,6 +18,7 @@ Internals (read-only, from the thread that steps the engine, between two steps, 
 | `Scheduler.kv_cache_manager.block_pool.get_num_free_blocks()`, `.num_gpu_blocks` (one null block) | free / total blocks |
 | `SchedulerOutput.num_scheduled_tokens`, `.total_num_scheduled_tokens` (in `build_connector_meta`) | tokens vLLM computed, per request and per step |
 | `KVConnectorBase_V1._kv_cache_config.kv_cache_groups`, `._get_connector_metadata()` | the connector's own state |
+| `vllm.distributed.kv_transfer.kv_transfer_state._KV_CONNECTOR_AGENT` | vLLM keeps the worker-side connector in this process-wide global, so two engines in one process (tests, benchmarks) would share one: each backend builds its engine with the slot empty, keeps the connector it got, and puts it back before each of its steps (one engine per actor process needs none of this) |
 
 `check_installed()` checks the classes and methods without an engine; `check_engine(llm)` walks the attribute
 paths of a built engine. Both raise `VllmInternalsChanged` naming what moved.
@@ -67,6 +68,15 @@ def num_free_blocks(sched: Any) -> int:
 def num_total_blocks(sched: Any) -> int:
     """Blocks requests can hold: vLLM keeps one null block aside."""
     return sched.kv_cache_manager.block_pool.num_gpu_blocks - 1
+
+
+def swap_worker_connector(connector: Any) -> Any:
+    """Put `connector` in vLLM's process-wide worker-connector slot; returns what was there."""
+    from vllm.distributed.kv_transfer import kv_transfer_state
+
+    previous = kv_transfer_state._KV_CONNECTOR_AGENT
+    kv_transfer_state._KV_CONNECTOR_AGENT = connector
+    return previous
 
 
 def running(sched: Any) -> list[Any]:
@@ -142,6 +152,10 @@ def check_installed() -> list[str]:
     problems += _assigns(Request, ("num_computed_tokens", "num_preemptions", "kv_transfer_params"))
     problems += _assigns(BlockPool, ("num_gpu_blocks",))
     problems += _assigns(KVConnectorBase_V1, ("_kv_cache_config",))
+    from vllm.distributed.kv_transfer import kv_transfer_state
+
+    if not hasattr(kv_transfer_state, "_KV_CONNECTOR_AGENT"):
+        problems.append("kv_transfer_state._KV_CONNECTOR_AGENT (the worker-connector slot) is gone")
     fields = getattr(SchedulerOutput, "__dataclass_fields__", {})
     problems += [f"SchedulerOutput.{f} is gone" for f in ("num_scheduled_tokens", "total_num_scheduled_tokens")
                  if f not in fields]
@@ -154,7 +168,8 @@ def check_installed() -> list[str]:
                         "Scheduler.requests/running/waiting/kv_cache_manager",
                         "Request.num_computed_tokens/num_preemptions/kv_transfer_params",
                         "BlockPool.num_gpu_blocks", "KVConnectorBase_V1._kv_cache_config",
-                        "SchedulerOutput.num_scheduled_tokens/total_num_scheduled_tokens")]
+                        "SchedulerOutput.num_scheduled_tokens/total_num_scheduled_tokens",
+                        "kv_transfer_state._KV_CONNECTOR_AGENT")]
 
 
 def check_engine(llm: Any) -> None:
