@@ -78,6 +78,7 @@ class VllmBackend(EngineBackend):
 
     def __init__(self, config: EngineConfig | None = None, **overrides):
         config = config or EngineConfig(backend="vllm", **overrides)
+        self.block_size = self._block_size(config)
         _prepare_environment()
         from vllm import EngineArgs
         from vllm.config import KVTransferConfig
@@ -89,7 +90,6 @@ class VllmBackend(EngineBackend):
         from instance.model.loader import load_tokenizer
 
         self.config = config
-        self.block_size = self._block_size(config)
         model_dir = hf_dir_for(config.model)
         self.tokenizer = load_tokenizer(config.model)
         self.model_name = config.model if not os.path.isdir(config.model) else os.path.basename(config.model)
