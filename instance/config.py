@@ -45,6 +45,14 @@ class EngineConfig(BaseModel):
     upcycle_top_k: int = Field(1, ge=1, description="experts each token is routed to when upcycling; with 1 the "
                                                     "output equals the dense model's")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_block_size(cls, data):
+        """vLLM's CPU attention takes multiples of 32 tokens per block: that is its default here."""
+        if isinstance(data, dict) and data.get("backend") == "vllm" and data.get("block_size") is None:
+            data = {**data, "block_size": 32}
+        return data
+
     @model_validator(mode="after")
     def _top_k_within_experts(self):
         if self.tiny_top_k > self.tiny_num_experts:

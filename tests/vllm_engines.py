@@ -44,3 +44,26 @@ def clear(backend) -> None:
         if not backend.has_unfinished():
             break
         backend.step()
+
+
+def vllm_direct(backend, prompt_token_ids: list[int], max_tokens: int, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int | None = None) -> list[int]:
+    """What vLLM itself gives for a prompt: the backend's LLMEngine driven through vLLM's own API, not through
+    Tidal's wrapper. Greedy is vLLM's argmax; a seeded request uses Tidal's position-addressed draw, which the
+    vLLM backend always applies through vLLM's logits-processor hook (instance/backends/vllm/sampler.py)."""
+    from vllm import SamplingParams as VllmParams
+    from vllm.inputs import TokensPrompt
+
+    from instance.backends.vllm.sampler import EXTRA_ARG, sample_args
+    from instance.sampling import SamplingParams
+
+    extra = None
+    if temperature > 0:
+        extra = {EXTRA_ARG: sample_args(SamplingParams(temperature=temperature, top_p=top_p, seed=seed), seed, 0)}
+    params = VllmParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False, extra_args=extra)
+    backend.llm.add_request("direct", TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params)
+    for _ in range(10 * max_tokens + 100):
+        for out in backend.llm.step():
+            if out.request_id == "direct" and out.finished:
+                return list(out.outputs[0].token_ids)
+    raise AssertionError("vLLM did not finish the direct request")

@@ -140,8 +140,6 @@ class VllmBackend(EngineBackend):
 
     @staticmethod
     def _block_size(config: EngineConfig) -> int:
-        if "block_size" not in config.model_fields_set and config.device == "cpu":
-            return CPU_BLOCK_MULTIPLE
         if config.device == "cpu" and config.block_size % CPU_BLOCK_MULTIPLE:
             raise ValueError(f"block_size: vLLM's CPU attention needs a multiple of {CPU_BLOCK_MULTIPLE}, got "
                              f"{config.block_size}; pass --block-size {CPU_BLOCK_MULTIPLE} (or leave it unset)")
