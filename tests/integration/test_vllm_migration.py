@@ -172,3 +172,15 @@ def test_a_destination_out_of_blocks_refuses_and_the_request_finishes_on_the_sou
     assert tokens == expected
     assert a.load().free_blocks == start_free
     assert_clean(a, b)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_failover_by_re_prefill_continues_where_the_lost_instance_stopped(engines, params):
+    a, b = engines
+    p = prompt(120, seed=11)
+    expected = run_alone(a, p, params)
+    b.resume_from_tokens("r", p, expected[:15], params, seed=params.seed if params.seed is not None else 0,
+                         priority=0, text_emitted=0)
+    rest = finish(b)
+    assert expected[:15] + rest == expected
+    assert_clean(a, b)

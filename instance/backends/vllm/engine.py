@@ -187,7 +187,7 @@ class VllmBackend(EngineBackend):
         if e is None:
             return False
         if e.suspended:
-            self._shared.release.add(e.vllm_id)
+            self._free_held(e.vllm_id)
         else:
             self._by_external.pop(e.external_id, None)
             self.llm.abort_request([e.external_id])
@@ -385,7 +385,7 @@ class VllmBackend(EngineBackend):
             key = f"resume:{e.vllm_id}"
             self._shared.staged[key] = Staged(e.computed_at_suspend, held_block_ids=held, held_vllm_id=e.vllm_id)
         else:
-            self._shared.release.add(e.vllm_id)
+            self._free_held(e.vllm_id)
         e.suspended = False
         self._admit(e, key)
 
@@ -393,7 +393,7 @@ class VllmBackend(EngineBackend):
         e = self._get(request_id)
         if not e.suspended:
             raise ValueError(f"request {request_id} is {e.req.status.value}, not suspended")
-        self._shared.release.add(e.vllm_id)            # the next step lets vLLM free its blocks
+        self._free_held(e.vllm_id)
         del self._entries[request_id]
 
     # ----- migration: the destination half -------------------------------------------------------------------
@@ -457,6 +457,12 @@ class VllmBackend(EngineBackend):
         return torch.cat(parts, dim=2)[:, :, :need] if len(parts) > 1 else parts[0][:, :, :need]
 
     # ----- helpers -------------------------------------------------------------------------------------------
+    def _free_held(self, vllm_id: str) -> None:
+        """The blocks vLLM keeps for a suspended request go back now (between two steps)."""
+        self._shared.held.pop(vllm_id, None)
+        self._shared.release.discard(vllm_id)
+        self._internals.free_held_blocks(self._sched, vllm_id)
+
     def _reserved(self) -> int:
         return sum(i.num_blocks for i in self._imports.values())
 

@@ -18,6 +18,7 @@ Internals (read-only, from the thread that steps the engine, between two steps, 
 | `Scheduler.kv_cache_manager.block_pool.get_num_free_blocks()`, `.num_gpu_blocks` (one null block) | free / total blocks |
 | `SchedulerOutput.num_scheduled_tokens`, `.total_num_scheduled_tokens` (in `build_connector_meta`) | tokens vLLM computed, per request and per step |
 | `KVConnectorBase_V1._kv_cache_config.kv_cache_groups`, `._get_connector_metadata()` | the connector's own state |
+| `Scheduler._free_blocks(request)` (what vLLM calls when a connector reports `finished_sending`) | free a suspended request's held blocks at once when it leaves (committed elsewhere, or aborted), instead of one engine step later |
 | `vllm.distributed.kv_transfer.kv_transfer_state._KV_CONNECTOR_AGENT` | vLLM keeps the worker-side connector in this process-wide global, so two engines in one process (tests, benchmarks) would share one: each backend builds its engine with the slot empty, keeps the connector it got, and puts it back before each of its steps (one engine per actor process needs none of this) |
 
 `check_installed()` checks the classes and methods without an engine; `check_engine(llm)` walks the attribute
@@ -79,6 +80,13 @@ def swap_worker_connector(connector: Any) -> Any:
     return previous
 
 
+def free_held_blocks(sched: Any, vllm_id: str) -> None:
+    """Free the blocks vLLM keeps for a finished request on the connector's behalf."""
+    request = sched.requests.get(vllm_id)
+    if request is not None:
+        sched._free_blocks(request)
+
+
 def running(sched: Any) -> list[Any]:
     return list(sched.running)
 
@@ -131,6 +139,7 @@ def check_installed() -> list[str]:
         _has_method(LLMEngine, "abort_request", ("request_ids",)),
         _has_method(LLMEngine, "step"),
         _has_method(Scheduler, "get_request_counts"),
+        _has_method(Scheduler, "_free_blocks", ("request",)),
         _has_method(KVCacheManager, "get_block_ids", ("request_id",)),
         _has_method(KVCacheBlocks, "get_block_ids"),
         _has_method(BlockPool, "get_num_free_blocks"),
@@ -162,7 +171,7 @@ def check_installed() -> list[str]:
     if problems:
         raise VllmInternalsChanged(problems)
     return [c for c in ("LLMEngine.from_engine_args", "LLMEngine.add_request", "LLMEngine.abort_request",
-                        "LLMEngine.step", "Scheduler.get_request_counts", "KVCacheManager.get_block_ids",
+                        "LLMEngine.step", "Scheduler.get_request_counts", "Scheduler._free_blocks", "KVCacheManager.get_block_ids",
                         "KVCacheBlocks.get_block_ids", "BlockPool.get_num_free_blocks",
                         "KVConnectorBase_V1 (9 methods)", "InprocClient.engine_core", "EngineCore.scheduler",
                         "Scheduler.requests/running/waiting/kv_cache_manager",
