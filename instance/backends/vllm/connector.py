@@ -17,9 +17,11 @@ What the two halves do, in vLLM's own calls:
   before that step's forward pass. The KV comes from a tensor staged by the migration (`Shared.staged`) or,
   for a resume, from the request's own blocks that vLLM still holds (below).
 - **Hold** (a request is suspended for its last migration stage). The backend aborts it in vLLM;
-  `request_finished` answers True for it, so vLLM keeps its blocks (the connector "owns" them) until the
-  worker's `get_finished` reports it in `finished_sending`, which it does once the backend releases it
-  (`Shared.release`): after the destination committed, or after a resume copied the blocks back.
+  `request_finished` answers True for it, so vLLM keeps its blocks (the connector "owns" them, `Shared.held`).
+  They go back when the request leaves (the destination committed, or the client aborted it): the backend
+  frees them at once (`internals.free_held_blocks`). After a resume they go once the worker copied them into
+  the resumed request's new blocks: `get_finished` then reports the old request in `finished_sending`
+  (`Shared.release`), vLLM's own way of taking blocks back from a connector.
 
 Blocks travel as one tensor [layers, A, n, ...]: the per-layer tensors stacked, with the block axis moved to
 position 2 (A is the layer tensor's axis before the block axis, or 1 when the block axis comes first).

@@ -8,8 +8,9 @@ the request's remaining budget; Tidal decides when a request stops and aborts it
 Live migration over the KV connector (`connector.py`), request-centred as the interface says:
 
 - source: `export_blocks` reads the request's blocks by vLLM's own block ids; `suspend` aborts the request in
-  vLLM while the connector keeps its blocks (`request_finished` → True); `free_suspended` lets vLLM free them,
-  `resume` re-adds the request with those blocks copied into new ones (no recompute);
+  vLLM while the connector keeps its blocks (`request_finished` → True); `free_suspended` frees them once the
+  destination committed; `resume` re-adds the request with those blocks copied into new ones (no recompute),
+  and the old ones go after the copy;
 - destination: `reserve_import` sets blocks aside *in Tidal's books* (vLLM cannot reserve blocks outside a
   request, so the reservation is checked against vLLM's free blocks and reported in the load, and the blocks
   arrive in host memory); `commit_import` adds the request to vLLM with its whole token list, and the
@@ -65,6 +66,7 @@ class _Entry:
     suspended: bool = False
     computed_at_suspend: int = 0
     preemptions_before: int = 0    # preemptions under earlier vLLM requests (and engines)
+    preemptions_counted: int = 0   # of the current vLLM request's, already in the engine's total
 
 
 @dataclass
@@ -287,10 +289,9 @@ class VllmBackend(EngineBackend):
     def _count_preemptions(self, vllm_requests, mine: dict[str, _Entry]) -> None:
         for r in vllm_requests:
             e = mine[r.request_id]
-            seen = getattr(e, "_seen_preemptions", 0)
-            if r.num_preemptions > seen:
-                self._preemptions_total += r.num_preemptions - seen
-                e._seen_preemptions = r.num_preemptions
+            if r.num_preemptions > e.preemptions_counted:
+                self._preemptions_total += r.num_preemptions - e.preemptions_counted
+                e.preemptions_counted = r.num_preemptions
 
     def check_integrity(self) -> None:
         s, ix = self._sched, self._internals
@@ -504,6 +505,7 @@ class VllmBackend(EngineBackend):
         budget = min(p.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens)
         params = VllmParams(max_tokens=budget, temperature=0.0, ignore_eos=True, detokenize=False,
                             output_kind=RequestOutputKind.DELTA, extra_args=extra or None)
+        e.preemptions_counted = 0
         e.external_id = f"{req.request_id}@{e.admissions}"
         e.admissions += 1
         e.vllm_id = self.llm.add_request(e.external_id, TokensPrompt(prompt_token_ids=list(req.token_ids)), params,
