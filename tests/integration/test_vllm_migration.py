@@ -184,3 +184,24 @@ def test_failover_by_re_prefill_continues_where_the_lost_instance_stopped(engine
     rest = finish(b)
     assert expected[:15] + rest == expected
     assert_clean(a, b)
+
+
+def test_a_destination_that_dies_mid_copy_leaves_the_request_running_on_the_source(engines):
+    a, b = engines
+    p = prompt(200, seed=13)
+    expected = run_alone(a, p, GREEDY)
+    a.add_request("r", prompt_token_ids=p, params=GREEDY)
+    tokens = steps(a, 2)
+
+    class DyingDestination(Destination):
+        async def receive(self, mid, first, payload):
+            b.cancel_import(mid)                       # its process is gone, and its reservation with it
+            raise ConnectionError("destination died mid-copy")
+
+    record = asyncio.run(migrate_out(DecodingSource(a, tokens), DyingDestination(b), RayObjectStoreTransport(),
+                                     MigrationRecord("m", "r", "src", "dst"), CONFIG))
+    assert record.state is MigrationState.ABORTED_SRC and "died mid-copy" in record.reason
+    assert a.request_info("r").status != "suspended"
+    tokens += finish(a)
+    assert tokens == expected
+    assert_clean(a, b)
