@@ -117,3 +117,41 @@ def test_draining_a_vllm_instance_with_8_running_requests_moves_them_all_and_eve
         assert chunks[-1].instance_id == "instance-1"
         assert tokens_of(chunks) == vllm_direct(direct, direct.tokenizer.encode(p), n)
     client.wait_all_blocks_free(timeout=60)
+
+
+def test_an_instance_sigkilled_mid_stream_its_streams_finish_on_the_other_by_re_prefill(client, direct):
+    """Runs last in this module: it leaves the deployment with one instance."""
+    import os
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [dict(prompt=f"Failover request {i} about lighthouses", max_tokens=50, ignore_eos=True,
+                  request_id=f"fo-{i}", **(dict(temperature=0.8, top_p=0.9, seed=40 + i) if i % 2 else {}))
+             for i in range(4)]
+    started: dict[str, str] = {}
+
+    def consume(case):
+        chunks = []
+        for chunk in client.gen.Generate(request(**case), timeout=600):
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                started[case["request_id"]] = chunk.instance_id
+        return chunks
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        futures = [pool.submit(consume, case) for case in cases]
+        deadline = time.monotonic() + 300
+        while len(started) < len(cases):
+            assert time.monotonic() < deadline, "streams did not start"
+            time.sleep(0.02)
+        victim = max(set(started.values()), key=list(started.values()).count)
+        views = client.deployment.scheduler.list_instances().result()
+        os.kill(next(v.info.pid for v in views if v.instance_id == victim), signal.SIGKILL)
+        results = [f.result() for f in futures]
+    survivor = "instance-1" if victim == "instance-0" else "instance-0"
+    for case, chunks in zip(cases, results):
+        assert [c.seq for c in chunks] == list(range(len(chunks))), case["request_id"]
+        params = {k: case[k] for k in ("temperature", "top_p", "seed") if k in case}
+        assert tokens_of(chunks) == vllm_direct(direct, direct.tokenizer.encode(case["prompt"]), 50, **params)
+        assert chunks[-1].instance_id == survivor
