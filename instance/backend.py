@@ -1,7 +1,8 @@
 """The interface the instance layer uses to talk to an engine, and the load snapshot every engine reports.
 
 `InstanceActor`, the migration ports and the frontend see only `EngineBackend`, so another engine (vLLM on GPU
-fleets) can plug in here without touching the orchestrator. `create_backend` picks one by name.
+fleets) can plug in here without touching the orchestrator. The engines themselves live in `instance/backends/`
+(`native`, `vllm`); `instance.backends.create_backend` builds the one an `EngineConfig` names.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from instance.config import EngineConfig
     from instance.request import RequestOutput, RequestState
     from instance.sampling import SamplingParams
     from instance.tokenizer import Tokenizer
@@ -80,6 +80,7 @@ class EngineBackend(abc.ABC):
     """
 
     # ----- what it serves (fixed for its lifetime) -----------------------------------------------------------
+    kind: str                     # which backend: "native" or "vllm" (blocks move only between engines of one kind)
     model_name: str
     max_model_len: int
     block_size: int               # tokens per KV block
@@ -167,29 +168,3 @@ class EngineBackend(abc.ABC):
     @abc.abstractmethod
     def cancel_import(self, import_id: str) -> None:
         """Give an import's blocks back; no error if there is no such import."""
-
-
-BACKENDS = ("native",)
-
-
-def load_tokenizer(config: "EngineConfig", kind: str = "native") -> "Tokenizer":
-    """The tokenizer the named backend serves `config.model` with, without loading the model (for frontends,
-    which tokenize at the edge)."""
-    _check_kind(kind)
-    from instance.model.loader import load_tokenizer as native_tokenizer
-
-    return native_tokenizer(config.model)
-
-
-def create_backend(config: "EngineConfig", kind: str = "native") -> EngineBackend:
-    _check_kind(kind)
-    from instance.engine import Engine
-
-    return Engine(config)
-
-
-def _check_kind(kind: str) -> None:
-    if kind == "vllm":
-        raise ValueError("backend: the vLLM backend is not part of this build yet; use backend 'native'")
-    if kind not in BACKENDS:
-        raise ValueError(f"backend: unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

@@ -42,10 +42,13 @@ class EngineConfig(BaseModel):
 
     model: str = Field(DEFAULT_MODEL, description="smollm2-135m, smollm2-135m-moe, tiny-llama, tiny-moe, or a path "
                                                   "to a GGUF file / HF directory")
+    backend: Literal["native", "vllm"] = Field("native", description="engine: native (Tidal's own) or vllm (an "
+                                               "in-process vLLM LLMEngine; pip install 'tidal[vllm]')")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = float32 on CPU, bfloat16 on CUDA")
-    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block (vllm on CPU: a multiple "
+                                                         "of 32; left unset there it is 32)")
     num_blocks: int | None = Field(None, ge=1, description="KV-cache blocks; overrides kv_cache_gib")
     kv_cache_gib: float = Field(1.0, gt=0, description="memory budget of the KV cache, in GiB")
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one engine step")
@@ -68,6 +71,14 @@ class EngineConfig(BaseModel):
                                                "attention; instance/model/llama.py)")
     ep: ExpertParallelConfig = Field(default_factory=ExpertParallelConfig,
                                      description="expert parallelism (MoE models; the instance actor runs it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_block_size(cls, data):
+        """vLLM's CPU attention takes multiples of 32 tokens per block: that is its default here."""
+        if isinstance(data, dict) and data.get("backend") == "vllm" and data.get("block_size") is None:
+            data = {**data, "block_size": 32}
+        return data
 
     @model_validator(mode="after")
     def _top_k_within_experts(self):

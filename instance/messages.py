@@ -33,6 +33,7 @@ class InstanceInfo:
     max_model_len: int
     vocab_size: int
     pid: int = 0                   # the worker process, for operators (and fault-injection tests)
+    backend: str = "native"        # its engine: native or vllm (requests move only between instances of one)
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,11 @@ class Admin:
             dst = self.fleet.get(moves[0].dst)
         if request_id in self.moves.in_flight:
             raise failed_precondition(f"request {request_id} is already being migrated")
+        kinds = (src.info.backend if src.info else None, dst.info.backend if dst.info else None)
+        if None not in kinds and kinds[0] != kinds[1]:
+            raise failed_precondition(f"request {request_id} is on {src.instance_id} (backend {kinds[0]}) and "
+                                      f"{dst.instance_id} runs backend {kinds[1]}: KV blocks move only between "
+                                      "instances of one backend")
         log.info("migrate %s: operator asked, %s -> %s", request_id, src.instance_id, dst.instance_id)
         return await self.moves.launch(PlannedMove(request_id, src.instance_id, dst.instance_id, "operator request"))
 

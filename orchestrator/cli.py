@@ -35,6 +35,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--config", help="YAML or TOML file of settings; flags override it")
     p.add_argument("--model", help="smollm2-135m (default), smollm2-135m-moe, tiny-llama, tiny-moe, or a path to "
                    "a .gguf file / HF directory")
+    p.add_argument("--backend", choices=["native", "vllm"], help="engine of every instance: native (default) or "
+                   "vllm (an in-process vLLM LLMEngine; live migration included)")
     p.add_argument("--instances", type=int, help="serving instances (default 2)")
     p.add_argument("--host", help="address to bind (default 0.0.0.0)")
     p.add_argument("--port", type=int, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks a free one)")

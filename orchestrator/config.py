@@ -184,6 +184,8 @@ def load_config(path: str | os.PathLike | None, overrides: dict, env=os.environ)
         if not isinstance(data, dict):
             raise ConfigError(f"--config: {p} must hold a mapping of settings")
     engine = dict(data.pop("engine", None) or {})
+    if "backend" in data:                          # `backend: vllm` at the top reads better than under engine:
+        engine["backend"] = data.pop("backend")
     for key, value in overrides.items():
         if value is None:
             continue

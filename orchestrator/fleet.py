@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from instance.backends import check_same_backend
 from instance.messages import InstanceInfo, InstanceStatus
 from orchestrator.config import ServeConfig
 from orchestrator.errors import not_found
@@ -167,8 +168,17 @@ class Fleet:
                      f" ({roles.count(PREFILL)} prefill, {roles.count(DECODE)} decode, {roles.count(BOTH)} both)"
                      if set(roles) != {BOTH} else "")
             await asyncio.gather(*(self._start_member(m) for m in self.members.values()))
+        self._check_backends()
         for m in self.members.values():
             await self.save(m)
+
+    def _check_backends(self) -> None:
+        """One deployment, one backend: instances found running another one than configured are refused."""
+        kinds = {m.instance_id: m.info.backend for m in self.members.values() if m.info is not None}
+        try:
+            check_same_backend({**kinds, "the configuration": self.config.engine.backend})
+        except ValueError as e:
+            raise RuntimeError(str(e)) from None
 
     def _observed_intent(self, observed: list[InstanceView] | None) -> dict[str, dict]:
         """Intent records as the store would hold them, from a frontend's table or else the configured names."""

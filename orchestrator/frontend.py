@@ -30,7 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from instance.backend import load_tokenizer
+from instance.backends import load_tokenizer
 from instance.kv_cache import blocks_for
 from instance.limits import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_TOKENS_PER_S, FAILOVER_BOUND_S, MAX_REQUEST_ID_CHARS,
                              ORPHANS_REMEMBERED, SCHEDULER_SILENCE_S, STREAM_IDLE_MARGIN_S)

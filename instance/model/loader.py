@@ -166,6 +166,18 @@ def _tiny_moe(config: EngineConfig, dtype: torch.dtype) -> LoadedModel:
 # ----- GGUF ----------------------------------------------------------------------------------------------------
 
 def _from_gguf(name: str, path: Path, config: EngineConfig, dtype: torch.dtype) -> LoadedModel:
+    arch, weights, tokenizer = gguf_hf_weights(path)
+    model = _build(arch, config, dtype)
+    model.load_hf_weights(fuse_expert_tensors(weights))
+    moe = arch.moe
+    log.info("loaded %s from %s: %d layers, hidden %d, vocab %d%s", name, path, arch.num_layers, arch.hidden_size,
+             arch.vocab_size, f", {moe.num_experts} experts top-{moe.top_k}" if moe else "")
+    return LoadedModel(name, model.eval(), tokenizer)
+
+
+def gguf_hf_weights(path: Path) -> tuple[ModelArch, dict[str, torch.Tensor], Tokenizer]:
+    """A GGUF file's architecture, its weights dequantised to float32 under Hugging Face names, and its
+    tokenizer (also what `instance/model/hf_export.py` writes an HF directory from)."""
     import gguf
 
     from instance.gguf_meta import read_gguf_metadata
@@ -218,11 +230,7 @@ def _from_gguf(name: str, path: Path, config: EngineConfig, dtype: torch.dtype) 
             n = arch.num_heads if "q_proj" in hf_name else arch.num_kv_heads
             w = _unpermute_rope_rows(w, n)
         weights[hf_name] = w
-    model = _build(arch, config, dtype)
-    model.load_hf_weights(fuse_expert_tensors(weights))
-    log.info("loaded %s from %s: %d layers, hidden %d, vocab %d%s", name, path, arch.num_layers, hidden,
-             arch.vocab_size, f", {moe.num_experts} experts top-{moe.top_k}" if moe else "")
-    return LoadedModel(name, model.eval(), tokenizer)
+    return arch, weights, tokenizer
 
 
 _GGUF_LAYER_NAMES = {

@@ -18,7 +18,21 @@ def native(**overrides) -> EngineBackend:
                             max_num_batched_tokens=64), **overrides})
 
 
-BACKENDS = {"native": native}
+_turn = 0
+
+
+def vllm(**overrides) -> EngineBackend:
+    """SmolLM2 on vLLM: two shared engines handed out in turn (loading one takes seconds to a minute), so two
+    backends made one after the other in a test are distinct engines."""
+    from tests.vllm_engines import pooled_backend
+
+    global _turn
+    assert not overrides, "the shared vLLM engines take no overrides"
+    _turn += 1
+    return pooled_backend(_turn % 2)
+
+
+BACKENDS = {"native": native, "vllm": vllm}
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=30, temperature=0.9, top_p=0.95, seed=77, ignore_eos=True)
