@@ -41,6 +41,11 @@ class EngineConfig(BaseModel):
                                                       "experts behind a seeded router (0 = off; smollm2-135m-moe: 4)")
     upcycle_top_k: int = Field(1, ge=1, description="experts each token is routed to when upcycling; with 1 the "
                                                     "output equals the dense model's")
+    prefix_caching: bool = Field(True, description="reuse the KV of full blocks earlier requests computed for the "
+                                 "same prefix (on by default: outputs are unchanged, cached blocks are evicted "
+                                 "before any request waits for them, and it costs one hash per full block)")
+    prefix_digest_blocks: int = Field(1024, ge=0, le=65536, description="most hashes of cached blocks (most recently "
+                                      "used first) each load report carries for prefix-aware dispatch")
 
     @model_validator(mode="after")
     def _top_k_within_experts(self):
@@ -51,6 +56,16 @@ class EngineConfig(BaseModel):
             raise ValueError(f"upcycle_top_k ({self.upcycle_top_k}) must not exceed upcycle_experts "
                              f"({self.upcycle_experts})")
         return self
+
+    def prefix_cache_seed(self) -> str | None:
+        """What names the model in prefix-cache hashes: the settings that decide the weights and the KV dtype, so
+        instances of one model agree (and migrations and dispatch find each other's blocks) and two models
+        never do. None with prefix caching off."""
+        if not self.prefix_caching:
+            return None
+        fields = ("model", "dtype", "seed", "tiny_num_layers", "tiny_hidden_size", "tiny_num_experts", "tiny_top_k",
+                  "upcycle_experts", "upcycle_top_k", "block_size")
+        return "|".join(f"{f}={getattr(self, f)}" for f in fields) + f"|kv={self.torch_dtype()}"
 
     def torch_dtype(self):
         import torch
