@@ -201,16 +201,21 @@ def cmd_generate(args) -> int:
 
 
 def format_status(instances) -> str:
-    """A table of admin_pb2.Instance messages."""
+    """A table of admin_pb2.Instance messages. CACHED: free blocks that still hold a prefix; PREFIX HIT: the share
+    of admitted prompt tokens found cached ("-" before any admission or with prefix caching off)."""
     from tidal.v1 import admin_pb2
 
-    rows = [("INSTANCE", "NODE", "STATE", "ROLE", "RUNNING", "WAITING", "FREE/TOTAL BLOCKS", "TOKENS/S")]
+    rows = [("INSTANCE", "NODE", "STATE", "ROLE", "RUNNING", "WAITING", "FREE/TOTAL BLOCKS", "CACHED", "PREFIX HIT",
+             "TOKENS/S")]
     for inst in instances:
         load = inst.load
         state = admin_pb2.InstanceState.Name(inst.state).removeprefix("INSTANCE_STATE_").lower()
         role = admin_pb2.InstanceRole.Name(inst.role).removeprefix("INSTANCE_ROLE_").lower()
+        hit = (f"{100 * load.prefix_hit_tokens / load.prefix_query_tokens:.0f}%" if load.prefix_query_tokens
+               else "-")
         rows.append((inst.instance_id, inst.node_ip or inst.node_id[:12], state, role, str(load.num_running),
-                     str(load.num_waiting), f"{load.free_blocks}/{load.total_blocks}", f"{load.tokens_per_s:.0f}"))
+                     str(load.num_waiting), f"{load.free_blocks}/{load.total_blocks}", str(load.cached_blocks), hit,
+                     f"{load.tokens_per_s:.0f}"))
     return format_table(rows, right_align=False)
 
 

@@ -262,3 +262,23 @@ def test_an_aborted_migration_gives_the_cached_prefix_back():
     assert dst.attach_import_prefix("imp2", hashes) == 6   # still cached
     dst.cancel_import("imp2")
     assert_clean(dst)
+
+
+def test_status_shows_each_instances_cached_blocks_and_hit_rate(plain):
+    from orchestrator.cli import format_status
+    from tidal.v1 import admin_pb2
+
+    e = tiny()
+    prefix = rand_tokens(40, seed=13)
+    run(e, prefix + [1, 2], GREEDY)
+    run(e, prefix + [3, 4], GREEDY)                      # 40 of its 42 tokens found cached
+    rows = []
+    for name, engine in (("cached", e), ("plain", plain)):
+        load = engine.load()                             # as the frontend answers ListInstances
+        rows.append(admin_pb2.Instance(instance_id=name, load=admin_pb2.InstanceLoad(**load.to_dict())))
+    table = format_status(rows).splitlines()
+    assert "CACHED" in table[0] and "PREFIX HIT" in table[0]
+    cached_row = next(line for line in table if line.startswith("cached"))
+    plain_row = next(line for line in table if line.startswith("plain"))
+    assert f" {e.load().cached_blocks} " in cached_row and f"{round(100 * 40 / 84)}%" in cached_row
+    assert " - " in plain_row
