@@ -39,8 +39,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--deployment", help="name of the deployment (prefix of its Ray actors; default tidal)")
-    p.add_argument("--dispatch-policy", choices=["round-robin", "least-load", "freeness"],
-                   help="how new requests pick an instance (default freeness)")
+    p.add_argument("--dispatch-policy", choices=["round-robin", "least-load", "freeness", "prefix-aware"],
+                   help="how new requests pick an instance (default freeness; prefix-aware: where the prompt's "
+                        "prefix is cached, against the load there)")
+    p.add_argument("--dispatch-prefix-weight", type=float,
+                   help="prefix-aware dispatch: a cached prompt token's worth against a queued one (default 1)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="compute every prompt in full (prefix caching is on by default)")
     p.add_argument("--kv-cache-gib", type=float, help="KV-cache memory per instance in GiB (default 1.0)")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks per instance (overrides --kv-cache-gib)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
