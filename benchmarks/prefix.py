@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-blocks", type=int, default=976, help="KV blocks of 16 tokens per instance")
     ap.add_argument("--cost-model", choices=COST_MODELS, default="gpu-7b")
     ap.add_argument("--prefix-weight", type=float, default=1.0, help="ServeConfig.dispatch_prefix_weight")
-    ap.add_argument("--digest-blocks", type=int, default=1024, help="EngineConfig.prefix_digest_blocks")
+    ap.add_argument("--digest-blocks", type=int, default=4096, help="EngineConfig.prefix_digest_blocks")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     cost = load_cost_model(args.cost_model)

@@ -44,8 +44,9 @@ class EngineConfig(BaseModel):
     prefix_caching: bool = Field(True, description="reuse the KV of full blocks earlier requests computed for the "
                                  "same prefix (on by default: outputs are unchanged, cached blocks are evicted "
                                  "before any request waits for them, and it costs one hash per full block)")
-    prefix_digest_blocks: int = Field(1024, ge=0, le=65536, description="most hashes of cached blocks (most recently "
-                                      "used first) each load report carries for prefix-aware dispatch")
+    prefix_digest_blocks: int = Field(4096, ge=0, le=65536, description="most hashes of cached blocks (most recently "
+                                      "used first) each load report carries for prefix-aware dispatch (8 bytes "
+                                      "each); a digest smaller than the cache hides its older prefixes")
 
     @model_validator(mode="after")
     def _top_k_within_experts(self):

@@ -82,7 +82,7 @@ class SimConfig:
     dispatch: str = "freeness"            # round-robin | least-load | freeness | prefix-aware
     prefix_caching: bool = False          # EngineConfig.prefix_caching (requests then carry token_ids)
     prefix_weight: float = 1.0            # ServeConfig.dispatch_prefix_weight
-    prefix_digest_blocks: int = 1024      # EngineConfig.prefix_digest_blocks
+    prefix_digest_blocks: int = 4096      # EngineConfig.prefix_digest_blocks
     top_k: int = 1
     high_priority_headroom: float = HIGH_PRIORITY_HEADROOM
     output_weight: float = 0.0            # ServeConfig.dispatch_output_weight

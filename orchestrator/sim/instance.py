@@ -37,7 +37,7 @@ def _no_bytes(token_id: int) -> bytes:
 class SimInstance:
     def __init__(self, instance_id: str, num_blocks: int, block_size: int, max_num_batched_tokens: int,
                  max_num_seqs: int, max_model_len: int, cost: StepCostModel, clock: Callable[[], float],
-                 prefix_caching: bool = False, digest_limit: int = 1024):
+                 prefix_caching: bool = False, digest_limit: int = 4096):
         self.instance_id = instance_id
         self.core = EngineCore(num_blocks, block_size, max_num_batched_tokens, max_num_seqs, max_model_len,
                                vocab_size=SIM_VOCAB, token_bytes=_no_bytes, clock=clock,
