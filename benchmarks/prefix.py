@@ -21,6 +21,11 @@ Policies (the real functions of orchestrator/policies):
 - leastload:  least-load dispatch, prefix caching on, no migration;
 - tidal:      prefix-aware dispatch (orchestrator/policies/prefix.py) with prefix caching and live migration
               (the default migration policy; a moved request copies only what its destination lacks).
+`--real`: instead, the same three policies on real instances (a fresh deployment of `--instances` SmolLM2-135M
+instances on CPU per policy; `--real-requests` rows from the same trace, their arrivals stretched to a mean of
+`--real-rate` per second), sent over gRPC by the `tidal bench replay` engine, whose prompts are built from the
+hash ids with the real tokenizer; prefill tokens and hit rates are read from the instances' loads.
+
 Reported: TTFT mean / P50 / P99, prompt tokens computed (prefill, recomputation after preemption included),
 prefix hit rate (admitted tokens found cached), preemptions, migrations. Last line:
     ttft_mean_ratio_rr_over_tidal=<x> ttft_p99_ratio_leastload_over_tidal=<y> hit_rate=<tidal's> bound=<trace's>
@@ -78,6 +83,52 @@ def prefill_tokens(res: SimResult) -> int:
     return res.computed_tokens - sum(max(0, r.output_tokens - 1) for r in res.finished)
 
 
+def real(args) -> int:
+    """The three policies on real SmolLM2-135M instances over gRPC."""
+    from benchmarks.serving_load import at_rate, deploy, replay
+    from instance.model.loader import load_tokenizer
+    from orchestrator.bench.replay import PromptSource
+    from orchestrator.bench.stats import Slo, summarize
+
+    rows = load_trace(TRACE, limit=args.real_requests)
+    bound = shared_block_fraction(rows)
+    rows = scale_lengths(rows, args.real_max_prompt, args.max_output, factor=args.scale)
+    plan = [replace(p, hash_ids=r.hash_ids, block_tokens=r.block_tokens)
+            for p, r in zip(at_rate(rows, args.real_rate), rows)]
+    prompts = PromptSource(load_tokenizer("smollm2-135m"), max(p.prompt_tokens for p in plan), args.seed)
+    print(f"{len(plan)} {TRACE} requests at {args.real_rate:g}/s on {args.instances} SmolLM2-135M instances (CPU), "
+          f"lengths / {args.scale:g}, mean prompt {statistics.mean(p.prompt_tokens for p in plan):.0f}; "
+          f"trace's repeated-block bound {100 * bound:.1f} %")
+    serve = {"rr": dict(dispatch_policy="round-robin", rebalance=dict(auto=False)),
+             "leastload": dict(dispatch_policy="least-load", rebalance=dict(auto=False)),
+             "tidal": dict(dispatch_policy="prefix-aware", rebalance=dict(auto=True))}
+    print(f"{'policy':>10} {'done':>6} {'TTFT mean':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'prefill tok':>12} "
+          f"{'hit rate':>9}")
+    summary = {}
+    for name, cfg in serve.items():
+        engine = dict(model="smollm2-135m", num_blocks=args.real_num_blocks, prefix_caching=name != "rr",
+                      max_model_len=min(2048, 16 * args.real_num_blocks))
+        d = deploy(f"bench-prefix-{name}", args.instances, engine, **cfg)
+        try:
+            records = replay(f"127.0.0.1:{d.port}", plan, prompts)
+            loads = [v.status.load for v in d.scheduler.list_instances().result() if v.status is not None]
+        finally:
+            d.stop()
+        s = summarize(records, Slo())
+        hit = sum(x.prefix_hit_tokens for x in loads)
+        query = sum(x.prefix_query_tokens for x in loads)
+        prefill = (query or sum(p.prompt_tokens for p in plan)) - hit
+        rate = hit / query if query else 0.0
+        summary[name] = (s.ttft.mean, s.ttft.p99, rate)
+        print(f"{name:>10} {s.completed:>6} {s.ttft.mean:>8.0f}ms {s.ttft.p50:>7.0f}ms {s.ttft.p99:>7.0f}ms "
+              f"{prefill:>12} {100 * rate:>8.1f}%", flush=True)
+    tidal = summary["tidal"]
+    print(f"ttft_mean_ratio_rr_over_tidal={summary['rr'][0] / tidal[0]:.2f} "
+          f"ttft_p99_ratio_leastload_over_tidal={summary['leastload'][1] / tidal[1]:.2f} "
+          f"hit_rate={tidal[2]:.3f} bound={bound:.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=1500, help="first N rows of the trace")
@@ -91,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix-weight", type=float, default=1.0, help="ServeConfig.dispatch_prefix_weight")
     ap.add_argument("--digest-blocks", type=int, default=4096, help="EngineConfig.prefix_digest_blocks")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real", action="store_true", help="run on real SmolLM2-135M instances instead")
+    ap.add_argument("--real-requests", type=int, default=60)
+    ap.add_argument("--real-rate", type=float, default=0.5, help="mean requests per second of --real")
+    ap.add_argument("--real-max-prompt", type=int, default=768)
+    ap.add_argument("--real-num-blocks", type=int, default=256, help="KV blocks of 16 tokens per real instance")
     args = ap.parse_args(argv)
+    if args.real:
+        return real(args)
     cost = load_cost_model(args.cost_model)
     work, bound = workload(args.requests, args.scale, args.rate_scale, args.max_prompt, args.max_output)
     span = work[-1].arrival_s
