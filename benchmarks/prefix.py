@@ -23,7 +23,8 @@ Policies (the real functions of orchestrator/policies):
               (the default migration policy; a moved request copies only what its destination lacks).
 `--real`: instead, the same three policies on real instances (a fresh deployment of `--instances` SmolLM2-135M
 instances on CPU per policy; `--real-requests` rows from the same trace, their arrivals stretched to a mean of
-`--real-rate` per second), sent over gRPC by the `tidal bench replay` engine, whose prompts are built from the
+`--real-rate` per second; with `--real-conversations`, only rows of the first 1,500 whose first two hash ids
+at least three rows share — the trace's reuse is minutes apart, which a short run would not reach —), sent over gRPC by the `tidal bench replay` engine, whose prompts are built from the
 hash ids with the real tokenizer; prefill tokens and hit rates are read from the instances' loads.
 
 Reported: TTFT mean / P50 / P99, prompt tokens computed (prefill, recomputation after preemption included),
@@ -38,6 +39,7 @@ import argparse
 import random
 import statistics
 import sys
+from collections import Counter
 from dataclasses import replace
 
 from benchmarks.traces import hash_block_prompt, load_trace, scale_lengths, shared_block_fraction
@@ -90,7 +92,12 @@ def real(args) -> int:
     from orchestrator.bench.replay import PromptSource
     from orchestrator.bench.stats import Slo, summarize
 
-    rows = load_trace(TRACE, limit=args.real_requests)
+    if args.real_conversations:
+        window = load_trace(TRACE, limit=1500)
+        heads = Counter(r.hash_ids[:2] for r in window)
+        rows = [r for r in window if len(r.hash_ids) > 1 and heads[r.hash_ids[:2]] >= 3][:args.real_requests]
+    else:
+        rows = load_trace(TRACE, limit=args.real_requests)
     bound = shared_block_fraction(rows)
     rows = scale_lengths(rows, args.real_max_prompt, args.max_output, factor=args.scale)
     plan = [replace(p, hash_ids=r.hash_ids, block_tokens=r.block_tokens)
@@ -144,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--real", action="store_true", help="run on real SmolLM2-135M instances instead")
     ap.add_argument("--real-requests", type=int, default=60)
+    ap.add_argument("--real-conversations", action="store_true",
+                    help="--real: only rows whose prefix at least three rows of the first 1,500 share")
     ap.add_argument("--real-rate", type=float, default=0.5, help="mean requests per second of --real")
     ap.add_argument("--real-max-prompt", type=int, default=768)
     ap.add_argument("--real-num-blocks", type=int, default=256, help="KV blocks of 16 tokens per real instance")
