@@ -48,6 +48,7 @@ class LoadSnapshot:
     cached_blocks: int = 0        # free blocks that still hold a cached prefix (counted in free_blocks: evictable)
     prefix_hit_tokens: int = 0    # tokens admissions found in the prefix cache, since the start
     prefix_query_tokens: int = 0  # tokens of all admissions (with caching on), since the start
+    prefill_backlog_tokens: int = 0  # prompt tokens the running and waiting requests have still to prefill
     cached_prefixes: tuple[int, ...] = ()  # a bounded digest: hashes of cached blocks, most recently used first
 
     @property

@@ -213,6 +213,8 @@ def load_snapshot(sched: "Scheduler", pool: BlockPool, requests, block_size: int
         head_wait_s=max(0.0, now - head.arrival_time) if head else 0.0,
         remaining_output_tokens=sum(max(0, r.params.max_tokens - r.num_output_tokens)
                                     for q in (sched.running, sched.waiting) for r in q),
+        prefill_backlog_tokens=sum(max(0, r.num_tokens - r.num_computed_tokens - 1)
+                                   for q in (sched.running, sched.waiting) for r in q),
         cached_blocks=pool.num_cached, prefix_hit_tokens=sched.prefix_hit_tokens,
         prefix_query_tokens=sched.prefix_query_tokens,
         cached_prefixes=pool.digest(digest_limit) if digest_limit else (),

@@ -8,7 +8,9 @@ hash names the whole prefix up to i). The policy then estimates, in tokens, the 
 this request's first token:
 
     cost = (prompt tokens - prefix_weight x cached tokens)    what this request still prefills there
-         + queued prefill tokens                              waiting requests' demand, and what this frontend
+         + queued prefill tokens                              what its requests have still to prefill (those
+                                                              mid-prefill too), at least its waiting requests'
+                                                              demand, and what this frontend
                                                               sent since the snapshot less what those found
                                                               cached (`pending_prefill_tokens`)
          + a memory deficit                                   blocks the prompt needs beyond what is free,
@@ -72,7 +74,7 @@ def prefix_cost(c: "Candidate", prompt_tokens: int, prefix_weight: float) -> flo
     cached = min(c.cached_blocks * bs, max(0, prompt_tokens - 1))
     own = prompt_tokens - prefix_weight * cached
     pending = c.pending_prefill_tokens if c.pending_prefill_tokens is not None else c.pending_blocks * bs
-    queued = load.waiting_demand_blocks * bs + pending
+    queued = max(load.waiting_demand_blocks * bs, load.prefill_backlog_tokens) + pending
     need = blocks_for(prompt_tokens + 1, bs) - c.cached_blocks
     room = load.free_blocks - load.waiting_demand_blocks - blocks_for(pending, bs)
     deficit = max(0, need - room) * bs

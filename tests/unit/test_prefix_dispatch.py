@@ -4,6 +4,7 @@ policy over its own prefix caches."""
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -62,6 +63,15 @@ def test_a_queue_or_a_memory_shortage_on_the_holder_outweighs_its_prefix():
     full = Candidate("full", load(free=2), cached_blocks=60)                # needs 5 blocks, has 2 free
     assert prefix_cost(full, 1024, 1.0) == 64 + 3 * BS
     assert choose_instance("prefix-aware", [full, cold], 0, random.Random(0), prompt_tokens=1024) == "full"
+
+
+def test_a_holder_busy_prefilling_another_prompt_counts_that_prefill_as_queue():
+    busy = Candidate("busy", replace(load(running=1), prefill_backlog_tokens=2000), cached_blocks=60)
+    idle = Candidate("idle", load())
+    assert prefix_cost(busy, 1024, 1.0) == 64 + 2000
+    assert choose_instance("prefix-aware", [busy, idle], 0, random.Random(0), prompt_tokens=1024) == "idle"
+    nearly_done = Candidate("busy", replace(load(running=1), prefill_backlog_tokens=100), cached_blocks=60)
+    assert choose_instance("prefix-aware", [nearly_done, idle], 0, random.Random(0), prompt_tokens=1024) == "busy"
 
 
 def test_the_index_counts_leading_blocks_of_the_digest_and_follows_new_digests():
