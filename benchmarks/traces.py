@@ -11,7 +11,9 @@ files came from, their checksums and licences:
   (Wang et al., KDD '25), CC-BY 4.0. Columns Timestamp (s), Request tokens, Response tokens; rows with 0
   response tokens are failed requests and are skipped. 400 rows: good for formats, not for statistics.
 - `mooncake`: mooncake/conversation_trace.jsonl, kvcache-ai/Mooncake at 3b5a5941, FAST25-release
-  (Mooncake, FAST '25), Apache-2.0. 12,031 requests; fields timestamp (ms), input_length, output_length.
+  (Mooncake, FAST '25), Apache-2.0. 12,031 requests; fields timestamp (ms), input_length, output_length and
+  hash_ids (one id per 512-token block of the prompt; equal leading ids = a shared prefix), kept as
+  `TraceRequest.hash_ids` so that replays can rebuild the sharing (`hash_block_prompt`).
 
 A path to a file works too: a CSV with the Azure columns (TIMESTAMP as a date-time or as seconds) or the
 BurstGPT columns, or JSON lines like Mooncake's.
@@ -39,11 +41,16 @@ DEFAULT_TRACE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "dat
 _EPOCH = datetime(1970, 1, 1)
 
 
+MOONCAKE_BLOCK_TOKENS = 512     # tokens per hash id in the Mooncake traces (FAST25-release/README.md)
+
+
 @dataclass(frozen=True)
 class TraceRequest:
     arrival_s: float      # seconds after the first row of the loaded trace
     prompt_tokens: int
     output_tokens: int
+    hash_ids: tuple[int, ...] = ()    # the prompt's blocks, where the trace has them (Mooncake)
+    block_tokens: float = MOONCAKE_BLOCK_TOKENS   # tokens per hash id (scaled with the lengths)
 
 
 def trace_dir() -> Path:
@@ -73,7 +80,7 @@ _CSV_SCHEMAS = {
 }
 
 
-def _read_csv(path: Path) -> Iterator[tuple[float, int, int]]:
+def _read_csv(path: Path) -> Iterator[tuple]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         header = set(reader.fieldnames or ())
@@ -91,20 +98,21 @@ def _read_csv(path: Path) -> Iterator[tuple[float, int, int]]:
                 raise ValueError(f"trace {path}, line {line}: cannot read {row}: {error}") from None
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[float, int, int]]:
+def _read_jsonl(path: Path) -> Iterator[tuple]:
     with path.open() as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
-                yield row["timestamp"] / 1000.0, int(row["input_length"]), int(row["output_length"])
+                yield (row["timestamp"] / 1000.0, int(row["input_length"]), int(row["output_length"]),
+                       tuple(int(h) for h in row.get("hash_ids", ())))
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"trace {path}, line {line}: expected timestamp (ms), input_length and "
                                  f"output_length: {error}") from None
 
 
-_Reader = Callable[[Path], Iterable[tuple[float, int, int]]]
+_Reader = Callable[[Path], Iterable[tuple]]   # (arrival s, prompt, output[, hash ids])
 NAMED_TRACES: dict[str, tuple[str, _Reader]] = {
     "azure-conv": ("azure_llm_2023/AzureLLMInferenceTrace_conv.csv", _read_csv),
     "burstgpt": ("burstgpt/BurstGPT_1_first400.csv", _read_csv),
@@ -152,7 +160,7 @@ def load_trace(name_or_path: str | os.PathLike, limit: int | None = None) -> lis
     if not rows:
         raise ValueError(f"trace {name_or_path!r} ({path}) has no requests with positive lengths")
     start = rows[0][0]
-    return [TraceRequest(at - start, prompt, output) for at, prompt, output in rows]
+    return [TraceRequest(r[0] - start, r[1], r[2], *r[3:]) for r in rows]
 
 
 # ----- fitting a trace to a small model ---------------------------------------------------------------------------
@@ -196,8 +204,8 @@ def scale_lengths(rows: list[TraceRequest], max_prompt: int, max_output: int,
     def fit(n: int, top: int) -> int:
         return min(top, max(1, round(n / f)))
 
-    return [TraceRequest(r.arrival_s, fit(r.prompt_tokens, max_prompt), fit(r.output_tokens, max_output))
-            for r in rows]
+    return [TraceRequest(r.arrival_s, fit(r.prompt_tokens, max_prompt), fit(r.output_tokens, max_output),
+                         r.hash_ids, r.block_tokens / f) for r in rows]
 
 
 def sample_rows(rows: list[TraceRequest], n: int, seed: int) -> list[TraceRequest]:
@@ -206,6 +214,41 @@ def sample_rows(rows: list[TraceRequest], n: int, seed: int) -> list[TraceReques
         raise ValueError(f"cannot draw {n} rows from a trace of {len(rows)}")
     picked = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in picked]
+
+
+# ----- prefix structure -------------------------------------------------------------------------------------------
+
+def hash_block_prompt(hash_ids: tuple[int, ...], n_tokens: int, block_tokens: float,
+                      block: Callable[[int, int], list[int]], own: Callable[[int], list[int]]) -> list[int]:
+    """A prompt of exactly `n_tokens` token ids whose i-th trace block is `block(hash_ids[i], length)`, so that
+    equal leading hash ids give equal leading tokens, as the trace means them to. Block i spans tokens
+    round(i x block_tokens) .. round((i+1) x block_tokens) (`block_tokens`: 512 in Mooncake, divided by the
+    length scale), a length that depends on i alone; the last block is cut at `n_tokens`, and a prompt longer
+    than its blocks ends with `own(k)`, k tokens of its own."""
+    if block_tokens <= 0:
+        raise ValueError(f"block_tokens must be positive, got {block_tokens}")
+    ids: list[int] = []
+    for i, h in enumerate(hash_ids):
+        if len(ids) >= n_tokens:
+            break
+        length = round((i + 1) * block_tokens) - round(i * block_tokens)
+        ids += block(h, length)
+    if len(ids) < n_tokens:
+        ids += own(n_tokens - len(ids))
+    return ids[:n_tokens]
+
+
+def shared_block_fraction(rows: list[TraceRequest]) -> float:
+    """The share of all hash-block references that repeat an earlier one: the block hit rate an infinite prefix
+    cache could reach on these rows (Mooncake's SOURCE.md: 36.6 % over the conversation trace)."""
+    seen: set[int] = set()
+    total = repeated = 0
+    for r in rows:
+        for h in r.hash_ids:
+            total += 1
+            repeated += h in seen
+            seen.add(h)
+    return repeated / total if total else 0.0
 
 
 # ----- prompt text ------------------------------------------------------------------------------------------------

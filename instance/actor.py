@@ -8,9 +8,9 @@ the frontend that owns each request, never through the scheduler.
 
 Its RPCs, which `rpc.instance.InstanceClient` calls: `start`, `stop`, `get_status`, `check_integrity`;
 `add_request`, `recover_request` (failover: re-prefill from the tokens a client has), `abort_request`,
-`request_info`; `migrate_out`, `list_migrations` (source); `migration_reserve`, `migration_receive`,
-`migration_commit`, `migration_abort` (destination); `scale_experts` (an MoE instance's EP size: experts on
-expert-worker actors, instance/ep/).
+`request_info`; `migrate_out`, `list_migrations` (source); `migration_attach_prefix`, `migration_reserve`,
+`migration_receive`, `migration_commit`, `migration_abort` (destination); `scale_experts` (an MoE instance's EP
+size: experts on expert-worker actors, instance/ep/).
 """
 
 from __future__ import annotations
@@ -229,6 +229,13 @@ class InstanceActor:
         return [*self.outgoing.values(), *self.recent]
 
     # ----- migration: destination half ----------------------------------------------------------------------
+    async def migration_attach_prefix(self, migration_id: str, request_id: str, src: str,
+                                      hashes: list[int]) -> int:
+        try:
+            return await self.incoming.attach_prefix(migration_id, request_id, src, hashes)
+        finally:
+            self.steps.nudge()
+
     async def migration_reserve(self, migration_id: str, request_id: str, src: str, n: int) -> int:
         try:
             return await self.incoming.reserve(migration_id, request_id, src, n)

@@ -45,9 +45,21 @@ class LoadSnapshot:
     num_high_priority: int = 0    # running or waiting requests with priority > 0 (policies give them headroom)
     head_wait_s: float = 0.0      # how long the head of the waiting queue has waited since it arrived
     remaining_output_tokens: int = 0  # tokens the running and waiting requests may still generate (max_tokens)
+    cached_blocks: int = 0        # free blocks that still hold a cached prefix (counted in free_blocks: evictable)
+    prefix_hit_tokens: int = 0    # tokens admissions found in the prefix cache, since the start
+    prefix_query_tokens: int = 0  # tokens of all admissions (with caching on), since the start
+    prefill_backlog_tokens: int = 0  # prompt tokens the running and waiting requests have still to prefill
+    cached_prefixes: tuple[int, ...] = ()  # a bounded digest: hashes of cached blocks, most recently used first
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every counter (what `tidal status` shows); the digest is for dispatch only and stays out."""
+        d = asdict(self)
+        del d["cached_prefixes"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,11 @@ class EngineBackend(abc.ABC):
         """A copy of the request's blocks start..end-1; *beside a step* for full blocks (they no longer change).
         UnknownRequestError if the request is not here."""
 
+    def prefix_hashes(self, request_id: str, num_blocks: int) -> list[int]:
+        """Prefix-cache hashes of the request's first `num_blocks` computed full blocks (a migration offers them
+        to its destination); [] for an engine without a prefix cache (then every block is copied)."""
+        return []
+
     @abc.abstractmethod
     def suspend(self, request_id: str) -> "RequestState":
         """Take the request out of the batch; it keeps its blocks until `free_suspended` or `resume`."""
@@ -152,6 +169,11 @@ class EngineBackend(abc.ABC):
         """The suspended request lives elsewhere now: forget it and free its blocks."""
 
     # ----- migration: the destination half -------------------------------------------------------------------
+    def attach_import_prefix(self, import_id: str, block_hashes: list[int]) -> int:
+        """Begin an import with the leading blocks of `block_hashes` this engine has cached, so they are not
+        copied; returns how many (blocks 0..n-1 of the request). 0 for an engine without a prefix cache."""
+        return 0
+
     @abc.abstractmethod
     def reserve_import(self, import_id: str, num_blocks: int) -> int:
         """Set `num_blocks` more blocks aside for the request an import brings (the first call begins it);

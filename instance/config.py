@@ -72,6 +72,13 @@ class EngineConfig(BaseModel):
     ep: ExpertParallelConfig = Field(default_factory=ExpertParallelConfig,
                                      description="expert parallelism (MoE models; the instance actor runs it)")
 
+    prefix_caching: bool = Field(True, description="reuse the KV of full blocks earlier requests computed for the "
+                                 "same prefix (on by default: outputs are unchanged, cached blocks are evicted "
+                                 "before any request waits for them, and it costs one hash per full block)")
+    prefix_digest_blocks: int = Field(4096, ge=0, le=65536, description="most hashes of cached blocks (most recently "
+                                      "used first) each load report carries for prefix-aware dispatch (8 bytes "
+                                      "each); a digest smaller than the cache hides its older prefixes")
+
     @model_validator(mode="before")
     @classmethod
     def _vllm_block_size(cls, data):
@@ -89,6 +96,16 @@ class EngineConfig(BaseModel):
             raise ValueError(f"upcycle_top_k ({self.upcycle_top_k}) must not exceed upcycle_experts "
                              f"({self.upcycle_experts})")
         return self
+
+    def prefix_cache_seed(self) -> str | None:
+        """What names the model in prefix-cache hashes: the settings that decide the weights and the KV dtype, so
+        instances of one model agree (and migrations and dispatch find each other's blocks) and two models
+        never do. None with prefix caching off."""
+        if not self.prefix_caching:
+            return None
+        fields = ("model", "dtype", "seed", "tiny_num_layers", "tiny_hidden_size", "tiny_num_experts", "tiny_top_k",
+                  "upcycle_experts", "upcycle_top_k", "block_size")
+        return "|".join(f"{f}={getattr(self, f)}" for f in fields) + f"|kv={self.torch_dtype()}"
 
     def torch_dtype(self):
         import torch

@@ -14,17 +14,19 @@ Migration, request by request: the source `suspend`s a request between two steps
 keeps its blocks), then `free_suspended` once the destination committed, or `resume`s it if the move failed.
 The destination collects a request's blocks in an *import*: `reserve_import` (as often as the pre-copy stages
 need), the blocks written into `import_block_ids`, then `commit_import` adopts the request with them, or
-`cancel_import` gives them back.
+`cancel_import` gives them back. With prefix caching, an import may first take the leading blocks the
+destination already caches (`attach_import_prefix`): those are not copied.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from typing import Callable
 
 from instance.backend import LoadSnapshot, RequestInfo, UnknownRequestError
-from instance.kv_cache import BlockPool, OutOfBlocksError, blocks_for
+from instance.kv_cache import BlockPool, OutOfBlocksError, block_hashes, blocks_for
 from instance.request import Detokenizer, FinishReason, Request, RequestOutput, RequestState, RequestStatus
 from instance.sampling import InvalidRequestError, SamplingParams, validate_request
 from instance.scheduler import Scheduler, SchedulerOutput, load_snapshot
@@ -34,17 +36,24 @@ class EngineCore:
     def __init__(self, num_blocks: int, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int, vocab_size: int, token_bytes: Callable[[int], bytes],
                  eos_token_ids: frozenset[int] = frozenset(), seed: int = 0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, prefix_cache_seed: str | None = None,
+                 digest_limit: int = 0):
         """`clock`: when requests arrive and how long the queue's head has waited; the wall clock, so a request
-        moved to another node keeps its place in the queue (the simulator passes its own)."""
+        moved to another node keeps its place in the queue (the simulator passes its own).
+        `prefix_cache_seed`: names the model in prefix-cache hashes (None: prefix caching off);
+        `digest_limit`: how many cached block hashes a load report carries at most."""
         self.clock = clock
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.pool = BlockPool(num_blocks)
-        self.scheduler = Scheduler(self.pool, block_size, max_num_batched_tokens, max_num_seqs)
+        self.pool = BlockPool(num_blocks, caching=prefix_cache_seed is not None)
+        self.scheduler = Scheduler(self.pool, block_size, max_num_batched_tokens, max_num_seqs,
+                                   hash_seed=prefix_cache_seed)
+        self.digest_limit = digest_limit
         self.requests: dict[str, Request] = {}
-        self._imports: dict[str, list[int]] = {}      # import id -> blocks reserved for it, in request order
+        self._imports: dict[str, list[int]] = {}      # import id -> its blocks, in request order
+        self._import_prefix: dict[str, int] = {}      # import id -> leading blocks of those found cached here
+        self.num_computed_total = 0                   # tokens computed by all steps (prefill and decode)
         self._token_bytes = token_bytes
         self._eos = eos_token_ids
         self._seed_rng = random.Random(seed)
@@ -95,6 +104,8 @@ class EngineCore:
         in chunk order. Returns an output per request that got a token; finished requests are gone after."""
         for chunk in sched.chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
+            self.num_computed_total += chunk.num_tokens
+            self.scheduler.cache_computed(chunk.request)
         sampling = [c.request for c in sched.chunks if c.request.num_computed_tokens == c.request.num_tokens]
         outputs = []
         for req, token in zip(sampling, sampled, strict=True):
@@ -109,7 +120,7 @@ class EngineCore:
     # ----- what the control plane sees -----------------------------------------------------------------------
     def load(self, step_time_ms: float = 0.0, tokens_per_s: float = 0.0) -> LoadSnapshot:
         return load_snapshot(self.scheduler, self.pool, self.requests.values(), self.block_size, self.clock(),
-                             step_time_ms=step_time_ms, tokens_per_s=tokens_per_s)
+                             step_time_ms=step_time_ms, tokens_per_s=tokens_per_s, digest_limit=self.digest_limit)
 
     def request_info(self, request_id: str) -> RequestInfo | None:
         req = self.requests.get(request_id)
@@ -125,16 +136,27 @@ class EngineCore:
         return [self.request_info(rid) for rid in self.requests]
 
     def check_integrity(self) -> None:
-        """Raise AssertionError unless the pool balances and every block has exactly one holder: a request, or
-        an import in progress."""
+        """Raise AssertionError unless the pool balances and every block's reference count is its holders:
+        requests, and imports in progress (a block a request has only once; only cached blocks are shared)."""
         self.pool.check_integrity()
-        held = [b for r in self.requests.values() for b in r.block_ids]
-        if len(held) != len(set(held)):
-            raise AssertionError("two requests hold the same block")
-        if len(held) != self.pool.num_used:
-            raise AssertionError(f"requests hold {len(held)} blocks but the pool counts {self.pool.num_used} used")
-        importing = [b for ids in self._imports.values() for b in ids]
-        if len(importing) != len(set(importing)) or len(importing) != self.pool.num_reserved:
+        holders: Counter[int] = Counter()
+        for r in self.requests.values():
+            if len(r.block_ids) != len(set(r.block_ids)):
+                raise AssertionError(f"request {r.request_id} holds a block twice")
+            holders.update(r.block_ids)
+        for iid, ids in self._imports.items():
+            holders.update(ids[:self._import_prefix.get(iid, 0)])
+        wrong = [b for b in range(self.pool.num_blocks) if holders[b] != self.pool.ref_count(b)]
+        if wrong:
+            b = wrong[0]
+            raise AssertionError(f"{len(wrong)} blocks have references that are not their holders (block {b}: "
+                                 f"{holders[b]} holders, {self.pool.ref_count(b)} references)")
+        shared = [b for b, n in holders.items() if n > 1 and not self.pool.is_cached(b)]
+        if shared:
+            raise AssertionError(f"blocks {shared[:8]} are held twice but not cached")
+        importing = [b for iid, ids in self._imports.items() for b in ids[self._import_prefix.get(iid, 0):]]
+        if len(importing) != len(set(importing)) or len(importing) != self.pool.num_reserved \
+                or not all(self.pool.is_reserved(b) for b in importing):
             raise AssertionError(f"imports hold {len(importing)} blocks but the pool counts "
                                  f"{self.pool.num_reserved} reserved")
         queued = self.scheduler.running + self.scheduler.waiting
@@ -146,6 +168,12 @@ class EngineCore:
                 raise AssertionError(f"request {r.request_id} is {r.status.value} but queued={in_queue}")
             if len(r.block_ids) < blocks_for(r.num_computed_tokens, self.block_size):
                 raise AssertionError(f"request {r.request_id} has fewer blocks than its computed tokens need")
+            if self.scheduler.hash_seed is not None:
+                hs = self.scheduler.hashes(r, min(r.num_cached_blocks, r.num_computed_tokens // self.block_size))
+                bad = [i for i, h in enumerate(hs) if self.pool.is_cached(r.block_ids[i])
+                       and self.pool.hash_of(r.block_ids[i]) != h]
+                if bad:
+                    raise AssertionError(f"request {r.request_id}: block {bad[0]} is cached under another prefix")
 
     # ----- migration: the source half ------------------------------------------------------------------------
     def get(self, request_id: str) -> Request:
@@ -153,6 +181,14 @@ class EngineCore:
             return self.requests[request_id]
         except KeyError:
             raise UnknownRequestError(request_id) from None
+
+    def prefix_hashes(self, request_id: str, n: int) -> list[int]:
+        """Prefix-cache hashes of the request's first n full blocks, at most those computed; [] with caching
+        off (what a migration asks its destination for, to copy only the blocks it lacks)."""
+        req = self.get(request_id)
+        if self.scheduler.hash_seed is None:
+            return []
+        return self.scheduler.hashes(req, min(n, req.num_computed_tokens // self.block_size))
 
     def block_ids(self, request_id: str, start: int, end: int) -> list[int]:
         """The request's blocks start..end-1 (in token order). Safe beside a running step for full blocks: a
@@ -182,6 +218,18 @@ class EngineCore:
         del self.requests[request_id]
 
     # ----- migration: the destination half -------------------------------------------------------------------
+    def attach_import_prefix(self, import_id: str, hashes: list[int]) -> int:
+        """Begin an import with the leading blocks of `hashes` (the request's full-block hashes) that are cached
+        here: the import holds them, nothing is copied into them. Returns how many; 0 with caching off."""
+        if import_id in self._imports:
+            raise ValueError(f"import {import_id}: already begun; a cached prefix can only start it")
+        hit = self.pool.cached_prefix(hashes)
+        if hit:
+            self.pool.acquire(hit)
+            self._imports[import_id] = list(hit)
+            self._import_prefix[import_id] = len(hit)
+        return len(hit)
+
     def reserve_import(self, import_id: str, num_blocks: int) -> int:
         """Set `num_blocks` more free blocks aside for the request an import brings; the first call begins the
         import. Returns the index (within the request) of the first new block. OutOfBlocksError if too few are
@@ -199,9 +247,10 @@ class EngineCore:
         held = self._imports.get(import_id)
         if held is None:
             raise ValueError(f"import {import_id}: nothing reserved for it")
-        if first < 0 or first + n > len(held):
+        cached = self._import_prefix.get(import_id, 0)
+        if first < cached or first + n > len(held):
             raise ValueError(f"import {import_id}: blocks {first}..{first + n - 1} were not reserved "
-                             f"({len(held)} were)")
+                             f"(blocks {cached}..{len(held) - 1} were)")
         return held[first:first + n]
 
     def commit_import(self, import_id: str, state: RequestState) -> None:
@@ -215,15 +264,27 @@ class EngineCore:
         if len(held) < blocks_for(state.num_computed_tokens, self.block_size):
             raise ValueError(f"request state: {state.num_computed_tokens} computed tokens need more than "
                              f"{len(held)} blocks")
-        self.pool.commit_reserved(held)
+        cached = self._import_prefix.get(import_id, 0)
+        if cached:
+            if cached * self.block_size > state.num_computed_tokens:
+                raise ValueError(f"request state: {state.num_computed_tokens} computed tokens, fewer than the "
+                                 f"{cached} cached blocks the import began with")
+            expected = block_hashes(list(state.token_ids[:cached * self.block_size]), self.block_size,
+                                    self.scheduler.hash_seed)
+            if [self.pool.hash_of(b) for b in held[:cached]] != expected:
+                raise ValueError("request state: its tokens are not the prefix the import found cached")
+        self.pool.commit_reserved(held[cached:])
         self._imports.pop(import_id, None)
+        self._import_prefix.pop(import_id, None)
         self._adopt(state, held)
 
     def cancel_import(self, import_id: str) -> None:
         """Give an import's reserved blocks back (its migration was aborted). No error if there is none."""
         held = self._imports.pop(import_id, None)
+        cached = self._import_prefix.pop(import_id, 0)
         if held:
-            self.pool.release_reserved(held)
+            self.pool.free(held[:cached])
+            self.pool.release_reserved(held[cached:])
 
     # ----- failover ------------------------------------------------------------------------------------------
     def resume_from_tokens(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
@@ -252,6 +313,7 @@ class EngineCore:
             num_computed_tokens=state.num_computed_tokens, block_ids=list(block_ids),
             num_preemptions=state.num_preemptions)
         self.requests[req.request_id] = req
+        self.scheduler.cache_computed(req)           # what it brought is cached here too
         self._enqueue(req)
 
     def _enqueue(self, req: Request) -> None:

@@ -61,6 +61,15 @@ class EngineSourcePort:
 
         return await self.steps.between_steps(take)
 
+    async def prefix_hashes(self, request_id: str, num_blocks: int) -> list[int]:
+        def read():
+            try:
+                return self.engine.prefix_hashes(request_id, num_blocks)
+            except UnknownRequestError:
+                raise MigrationAborted(MigrationState.ENDED, "the request finished or was aborted") from None
+
+        return await self.steps.between_steps(read)
+
     async def resume(self, request_id: str) -> None:
         await self.steps.between_steps(
             lambda: self.engine.resume(request_id) if self.engine.request_info(request_id) else None)
@@ -81,6 +90,9 @@ class EngineDestinationPort:
                  moved_in: Callable[[str, Any], None] = lambda request_id, sink: None):
         """`moved_in(request_id, sink)` runs once a migrated request with a stream is admitted here."""
         self.engine, self.steps, self.streams, self.moved_in = engine, steps, streams, moved_in
+
+    async def attach_prefix(self, import_id: str, hashes: list[int]) -> int:
+        return await self.steps.between_steps(lambda: self.engine.attach_import_prefix(import_id, hashes))
 
     async def reserve(self, import_id: str, n: int) -> int:
         return await self.steps.between_steps(lambda: self.engine.reserve_import(import_id, n))

@@ -91,6 +91,9 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     new_token_ids: list[int] = field(default_factory=list)   # produced since the last output was taken
+    block_hashes: list[int] = field(default_factory=list)    # prefix-cache hashes of its full blocks so far
+    num_cached_blocks: int = 0      # leading blocks already offered to the prefix cache
+    num_cached_tokens: int = 0      # tokens its last admission found in the prefix cache (not computed)
 
     @property
     def num_tokens(self) -> int:

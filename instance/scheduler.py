@@ -10,6 +10,10 @@ and under a burst that thrashes (each preemption is recomputed). When a running
 request needs a block and none is free, the lowest-priority, newest running request is preempted: its blocks
 are freed and it waits to be recomputed. One request alone always fits (the engine checks that the cache
 holds `max_model_len` tokens), so preemption always makes progress.
+
+Prefix caching (when the core gives a `hash_seed`): a request admitted with nothing computed first takes the
+longest run of its full blocks that the pool has cached (shared, one more reference each) and starts computing
+after them; at least its last token is always computed, since the next token is sampled from it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from instance.backend import LoadSnapshot
-from instance.kv_cache import BlockPool, blocks_for
+from instance.kv_cache import BlockPool, block_hashes, blocks_for
 from instance.request import Request, RequestStatus
 
 
@@ -43,8 +47,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, pool: BlockPool, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
+                 hash_seed: str | None = None):
+        """`hash_seed`: what names the model in prefix-cache hashes; None when prefix caching is off."""
         self.pool = pool
+        self.hash_seed = hash_seed
+        self.prefix_query_tokens = 0    # tokens of admitted requests (each admission counts)
+        self.prefix_hit_tokens = 0      # of those, tokens found in the prefix cache
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -73,6 +82,32 @@ class Scheduler:
         if req.block_ids:
             self.pool.free(req.block_ids)
             req.block_ids = []
+        req.num_cached_blocks = 0
+
+    # ----- prefix caching ------------------------------------------------------------------------------------
+    def hashes(self, req: Request, n: int) -> list[int]:
+        """The prefix-cache hashes of req's first n full blocks (computed once per request, then extended)."""
+        hs = req.block_hashes
+        if len(hs) < n:
+            hs += block_hashes(req.token_ids[:n * self.block_size], self.block_size, self.hash_seed,
+                               start=len(hs), parent=hs[-1] if hs else None)
+        return hs[:n]
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        if self.hash_seed is None or req.block_ids or req.num_computed_tokens:
+            return []
+        return self.pool.cached_prefix(self.hashes(req, (req.num_tokens - 1) // self.block_size))
+
+    def cache_computed(self, req: Request) -> None:
+        """Offer req's newly computed full blocks to the prefix cache."""
+        if self.hash_seed is None:
+            return
+        full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
+        if full > req.num_cached_blocks:
+            hs = self.hashes(req, full)
+            for i in range(req.num_cached_blocks, full):
+                self.pool.cache(req.block_ids[i], hs[i])
+            req.num_cached_blocks = full
 
     # ----- the decision --------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -97,11 +132,22 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            need = max(0, blocks_for(req.num_tokens, self.block_size) - len(req.block_ids))   # the whole prompt
-            if not self.pool.can_allocate(need + len(self.running)):   # + a block for each running one to grow into
+            hit = self._cached_prefix(req)
+            need = max(0, blocks_for(req.num_tokens, self.block_size) - len(req.block_ids) - len(hit))  # whole prompt
+            take = need + self.pool.num_to_take(hit)                  # reusing an evictable block takes it too
+            if not self.pool.can_allocate(take + len(self.running)):   # + a block for each running one to grow into
                 break  # head of line waits; later arrivals do not overtake it
+            if hit:
+                self.pool.acquire(hit)
+                req.block_ids = list(hit)
+                req.num_cached_blocks = len(hit)
+                req.num_computed_tokens = len(hit) * self.block_size
+            req.num_cached_tokens = len(hit) * self.block_size
+            if self.hash_seed is not None:
+                self.prefix_query_tokens += req.num_tokens
+                self.prefix_hit_tokens += req.num_cached_tokens
             req.block_ids += self.pool.allocate(need)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
             self.waiting.pop(0)
             self.add_running(req)
             out.chunks.append(ScheduledChunk(req, n))
@@ -148,7 +194,7 @@ def _insert_sorted(queue: list[Request], req: Request) -> None:
 
 
 def load_snapshot(sched: "Scheduler", pool: BlockPool, requests, block_size: int, now: float,
-                  step_time_ms: float = 0.0, tokens_per_s: float = 0.0) -> LoadSnapshot:
+                  step_time_ms: float = 0.0, tokens_per_s: float = 0.0, digest_limit: int = 0) -> LoadSnapshot:
     """The load of an engine (or a simulated one) whose batch `sched` schedules over `pool`; `requests` are all
     the requests it holds, suspended ones included; `now` on the clock of the requests' arrival times."""
     head = sched.waiting[0] if sched.waiting else None
@@ -167,4 +213,9 @@ def load_snapshot(sched: "Scheduler", pool: BlockPool, requests, block_size: int
         head_wait_s=max(0.0, now - head.arrival_time) if head else 0.0,
         remaining_output_tokens=sum(max(0, r.params.max_tokens - r.num_output_tokens)
                                     for q in (sched.running, sched.waiting) for r in q),
+        prefill_backlog_tokens=sum(max(0, r.num_tokens - r.num_computed_tokens - 1)
+                                   for q in (sched.running, sched.waiting) for r in q),
+        cached_blocks=pool.num_cached, prefix_hit_tokens=sched.prefix_hit_tokens,
+        prefix_query_tokens=sched.prefix_query_tokens,
+        cached_prefixes=pool.digest(digest_limit) if digest_limit else (),
     )

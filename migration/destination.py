@@ -18,6 +18,9 @@ class DestinationPort(Protocol):
     """What the destination half needs from its instance (`instance.migration_ports.EngineDestinationPort`).
     One import per migration, keyed by the migration id, collects the request's blocks."""
 
+    async def attach_prefix(self, import_id: str, hashes: list[int]) -> int:
+        """Begin the import with the leading blocks of `hashes` cached here; how many."""
+
     async def reserve(self, import_id: str, n: int) -> int:
         """n more blocks for the import; the index within the request of the first of them."""
 
@@ -49,15 +52,39 @@ class MigrationDestination:
         self.inbound: dict[str, Inbound] = {}
         self.committed: dict[str, tuple[str, float]] = {}    # migration id -> (request id, when)
 
+    async def attach_prefix(self, migration_id: str, request_id: str, src: str, hashes: list[int]) -> int:
+        """Begin a migration with the blocks of the request's prefix cached here (the source copies the rest)."""
+        if migration_id in self.inbound:
+            raise MigrationAborted(MigrationState.ABORTED_DST, f"migration {migration_id} has begun already")
+        inbound = self._begin(migration_id, request_id, src)
+        try:
+            found = await self.port.attach_prefix(migration_id, list(hashes))
+        except Exception as e:
+            self.inbound.pop(migration_id, None)
+            raise MigrationAborted(MigrationState.ABORTED_DST, f"cannot look up the cached prefix: {e}") from None
+        if self.inbound.get(migration_id) is not inbound:     # reaped or aborted meanwhile
+            await self.port.cancel(migration_id)
+            raise MigrationAborted(MigrationState.ABORTED_DST, f"migration {migration_id} expired while attaching")
+        inbound.num_blocks = found
+        inbound.last_heard = self.clock()
+        if found:
+            log.info("migration %s: %d of %d offered blocks of %s are cached here, not copied", migration_id,
+                     found, len(hashes), request_id)
+        return found
+
+    def _begin(self, migration_id: str, request_id: str, src: str) -> Inbound:
+        if migration_id in self.committed:
+            raise MigrationAborted(MigrationState.ABORTED_DST, "migration already committed")
+        if len(self.inbound) >= self.config.max_concurrent:
+            raise MigrationAborted(MigrationState.ABORTED_DST,
+                                   f"{len(self.inbound)} incoming migrations already (max_concurrent)")
+        inbound = self.inbound[migration_id] = Inbound(migration_id, request_id, src, last_heard=self.clock())
+        return inbound
+
     async def reserve(self, migration_id: str, request_id: str, src: str, n: int) -> int:
         inbound = self.inbound.get(migration_id)
         if inbound is None:
-            if migration_id in self.committed:
-                raise MigrationAborted(MigrationState.ABORTED_DST, "migration already committed")
-            if len(self.inbound) >= self.config.max_concurrent:
-                raise MigrationAborted(MigrationState.ABORTED_DST,
-                                       f"{len(self.inbound)} incoming migrations already (max_concurrent)")
-            inbound = self.inbound[migration_id] = Inbound(migration_id, request_id, src, last_heard=self.clock())
+            inbound = self._begin(migration_id, request_id, src)
         inbound.last_heard = self.clock()
         try:
             first = await self.port.reserve(migration_id, n)

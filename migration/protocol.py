@@ -15,6 +15,11 @@ request is still being prefilled. Pre-copy stages then copy the prompt's blocks 
 and the last stage waits for the request's first token, whatever is left; so the copy overlaps the prefill
 and the request leaves right after its first token.
 
+Prefix caching: before the first copy the source offers the hashes of the request's computed full blocks
+(`SourcePort.prefix_hashes`); the destination begins the import with the leading ones it already caches
+(`DestinationPeer.attach_prefix`) and the copy starts after them. Either side without a prefix cache
+answers [] / 0, and the migration copies everything as before.
+
 This module only moves what it is told to move. Which request, from where to where, is policy
 (orchestrator/policies/migration.py).
 """
@@ -99,6 +104,7 @@ class MigrationRecord:
     downtime_ms: float = 0.0         # request out of the source's batch until the destination committed it
     tokens_at_start: int = 0
     stage_blocks: list[int] = field(default_factory=list)
+    blocks_found: int = 0            # leading blocks the destination had cached already (not copied)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -144,6 +150,10 @@ class SourcePort(Protocol):
 
     async def resume(self, request_id: str) -> None: ...
 
+    async def prefix_hashes(self, request_id: str, num_blocks: int) -> list[int]:
+        """Prefix-cache hashes of the request's first computed full blocks, at most `num_blocks`; [] without a
+        prefix cache."""
+
     async def release(self, request_id: str) -> bool:
         """The request lives elsewhere now: free its blocks. False if it was aborted meanwhile."""
 
@@ -153,6 +163,9 @@ class DestinationPeer(Protocol):
     failure reaches the source as MigrationAborted."""
 
     instance_id: str
+
+    async def attach_prefix(self, migration_id: str, request_id: str, src: str, hashes: list[int]) -> int:
+        """Begin the migration with the leading blocks of `hashes` the destination caches; how many."""
 
     async def reserve(self, migration_id: str, request_id: str, src: str, n: int) -> int:
         """Reserve n more blocks; the index within the request of the first of them."""

@@ -43,6 +43,10 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
         record.tokens_at_start = snap.num_computed_tokens
         copied = 0
         reservation = _Reservation(peer, mid, rid, record.src)
+        hashes = await port.prefix_hashes(rid, snap.num_computed_tokens // bs)
+        if hashes and hasattr(peer, "attach_prefix"):   # blocks the destination caches already are not copied
+            copied = reservation.blocks = record.blocks_found = await peer.attach_prefix(mid, rid, record.src,
+                                                                                        hashes)
         if config.reserve_upfront:       # all it will need, before any copy: fail now rather than after seconds
             await reservation.cover(-(-snap.num_tokens // bs) + config.last_stage_max_blocks
                                     + config.reserve_growth_blocks)
@@ -106,9 +110,9 @@ async def migrate_out(port: SourcePort, peer: DestinationPeer, transport: KVTran
                 await port.resume(rid)
             await _quietly(peer.abort(mid))
         record.ended_at = time.time()
-    log.info("migration %s: %s %s -> %s %s after %d stages, %d blocks, downtime %.1f ms%s", mid, rid, record.src,
-             record.dst, record.state.value, record.stage, record.blocks_copied, record.downtime_ms,
-             f" ({record.reason})" if record.reason else "")
+    log.info("migration %s: %s %s -> %s %s after %d stages, %d blocks (%d of them found cached there), downtime "
+             "%.1f ms%s", mid, rid, record.src, record.dst, record.state.value, record.stage, record.blocks_copied,
+             record.blocks_found, record.downtime_ms, f" ({record.reason})" if record.reason else "")
     return record
 
 

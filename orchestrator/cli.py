@@ -44,8 +44,13 @@ def _add_serve(sub) -> None:
                    f"{DEFAULT_HTTP_PORT}; 0 picks a free one)")
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--deployment", help="name of the deployment (prefix of its Ray actors; default tidal)")
-    p.add_argument("--dispatch-policy", choices=["round-robin", "least-load", "freeness"],
-                   help="how new requests pick an instance (default freeness)")
+    p.add_argument("--dispatch-policy", choices=["round-robin", "least-load", "freeness", "prefix-aware"],
+                   help="how new requests pick an instance (default freeness; prefix-aware: where the prompt's "
+                        "prefix is cached, against the load there)")
+    p.add_argument("--dispatch-prefix-weight", type=float,
+                   help="prefix-aware dispatch: a cached prompt token's worth against a queued one (default 1)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="compute every prompt in full (prefix caching is on by default)")
     p.add_argument("--kv-cache-gib", type=float, help="KV-cache memory per instance in GiB (default 1.0)")
     p.add_argument("--num-blocks", type=int, help="KV-cache blocks per instance (overrides --kv-cache-gib)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
@@ -212,16 +217,21 @@ def cmd_generate(args) -> int:
 
 
 def format_status(instances) -> str:
-    """A table of admin_pb2.Instance messages."""
+    """A table of admin_pb2.Instance messages. CACHED: free blocks that still hold a prefix; PREFIX HIT: the share
+    of admitted prompt tokens found cached ("-" before any admission or with prefix caching off)."""
     from tidal.v1 import admin_pb2
 
-    rows = [("INSTANCE", "NODE", "STATE", "ROLE", "RUNNING", "WAITING", "FREE/TOTAL BLOCKS", "TOKENS/S")]
+    rows = [("INSTANCE", "NODE", "STATE", "ROLE", "RUNNING", "WAITING", "FREE/TOTAL BLOCKS", "CACHED", "PREFIX HIT",
+             "TOKENS/S")]
     for inst in instances:
         load = inst.load
         state = admin_pb2.InstanceState.Name(inst.state).removeprefix("INSTANCE_STATE_").lower()
         role = admin_pb2.InstanceRole.Name(inst.role).removeprefix("INSTANCE_ROLE_").lower()
+        hit = (f"{100 * load.prefix_hit_tokens / load.prefix_query_tokens:.0f}%" if load.prefix_query_tokens
+               else "-")
         rows.append((inst.instance_id, inst.node_ip or inst.node_id[:12], state, role, str(load.num_running),
-                     str(load.num_waiting), f"{load.free_blocks}/{load.total_blocks}", f"{load.tokens_per_s:.0f}"))
+                     str(load.num_waiting), f"{load.free_blocks}/{load.total_blocks}", str(load.cached_blocks), hit,
+                     f"{load.tokens_per_s:.0f}"))
     return format_table(rows, right_align=False)
 
 

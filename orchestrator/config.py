@@ -77,12 +77,17 @@ class ServeConfig(BaseModel):
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
     namespace: str = Field("tidal", description="Ray namespace of the deployment's actors")
     deployment: str = Field("tidal", pattern=r"^[a-z0-9][a-z0-9-]*$", description="prefix of actor names")
-    dispatch_policy: Literal["round-robin", "least-load", "freeness"] = "freeness"
+    dispatch_policy: Literal["round-robin", "least-load", "freeness", "prefix-aware"] = Field(
+        "freeness", description="prefix-aware: least work before the first token, counting what an instance has "
+                                "cached of the prompt (needs engine.prefix_caching)")
     dispatch_top_k: int = Field(1, ge=1, description="least-load / freeness pick at random among the k best "
                                                      "(spreads bursts that several frontends send at once)")
     dispatch_output_weight: float = Field(0.0, ge=0, le=1, description="freeness dispatch counts this share of "
                                           "the remaining max_tokens of an instance's requests as blocks they "
                                           "will grow into (0: off; 1: requests run to max_tokens)")
+    dispatch_prefix_weight: float = Field(1.0, ge=0, le=10, description="prefix-aware dispatch: what one cached "
+                                          "prompt token is worth against one token of queued prefill (0: ignore "
+                                          "the cache)")
     num_cpus_per_instance: float = Field(1.0, ge=0)
     num_gpus_per_instance: float | None = Field(None, ge=0, description="default: 1 on CUDA, 0 on CPU")
     max_queue_per_instance: int = Field(64, ge=1, description="waiting requests before RESOURCE_EXHAUSTED")

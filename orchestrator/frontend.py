@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from instance.backends import load_tokenizer
-from instance.kv_cache import blocks_for
+from instance.kv_cache import block_hashes, blocks_for
 from instance.limits import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_TOKENS_PER_S, FAILOVER_BOUND_S, MAX_REQUEST_ID_CHARS,
                              ORPHANS_REMEMBERED, SCHEDULER_SILENCE_S, STREAM_IDLE_MARGIN_S)
 from instance.messages import TokenChunk
@@ -41,6 +41,7 @@ from orchestrator.errors import AdminError
 from orchestrator.fleet import DEAD, SERVING, STARTING, InstanceView
 from orchestrator.metrics import FrontendMetrics
 from orchestrator.policies.dispatch import Candidate, choose_instance
+from orchestrator.policies.prefix import PrefixIndex
 from orchestrator.policies.pd import ROLES, takes_prompts
 from orchestrator.security import Auditor, AuthInterceptor, Authenticator, server_credentials
 from rpc import ActorDead, ActorTimeout, BackgroundTasks, Call, Rejected
@@ -118,6 +119,7 @@ class _Pending:
 
     blocks: int
     accepted_at_step: int | None = None
+    prefill_tokens: int = 0       # its prompt less what the instance caches of it, weighted (prefix-aware)
 
 
 class Frontend:
@@ -138,6 +140,9 @@ class Frontend:
         self.health = health.aio.HealthServicer()
         self._rng = random.Random()
         self._turn = 0
+        self.prefixes = PrefixIndex()                         # where prefixes live (prefix-aware dispatch)
+        self._hash_seed = self.config.engine.prefix_cache_seed()
+        self._last_hashes: tuple[list[int] | None, list[int]] = (None, [])
         self.me: FrontendClient | None = None                 # the sink instances push this frontend's chunks to
         self.scheduler: SchedulerClient | None = None
         self.port = 0
@@ -366,36 +371,56 @@ class Frontend:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no instance has started yet; retry shortly")
         return min(i.vocab_size for i in infos), min(i.max_model_len for i in infos)
 
-    def dispatch(self, prompt_len: int, exclude: frozenset = frozenset()) -> InstanceView:
-        """The instance for a new request (or a failover, `exclude`: the actors that already failed it)."""
+    def dispatch(self, prompt_len: int, exclude: frozenset = frozenset(),
+                 prompt_ids: list[int] | None = None) -> InstanceView:
+        """The instance for a new request (or a failover, `exclude`: the actors that already failed it);
+        `prompt_ids` for prefix-aware dispatch."""
         serving = [v for v in self.views.values() if v.state == SERVING and v.status is not None
                    and v.client.actor not in exclude and v.instance_id not in self.fenced]
         if not serving:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no instance is serving; retry later")
         pool = set(takes_prompts({v.instance_id: v.role for v in serving}, [v.instance_id for v in serving]))
         candidates = []
+        hashes = self._prompt_hashes(prompt_ids, serving)
         for v in (v for v in serving if v.instance_id in pool):
             pending = self.pending.get(v.instance_id, {})
             candidates.append(Candidate(v.instance_id, v.status.load, pending_requests=len(pending),
                                         pending_blocks=sum(p.blocks for p in pending.values()),
-                                        batch_slots=self.config.engine.max_num_seqs))
+                                        batch_slots=self.config.engine.max_num_seqs,
+                                        cached_blocks=self.prefixes.cached_blocks(v.instance_id, hashes),
+                                        pending_prefill_tokens=sum(p.prefill_tokens for p in pending.values())))
         open_ = [c for c in candidates if c.queue_length < self.config.max_queue_per_instance]
         if not open_:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"all {len(candidates)} instances have {self.config.max_queue_per_instance} or more "
                            f"queued requests; retry later")
         iid = choose_instance(self.config.dispatch_policy, open_, self._turn, self._rng, self.config.dispatch_top_k,
-                              output_weight=self.config.dispatch_output_weight)
+                              output_weight=self.config.dispatch_output_weight, prompt_tokens=prompt_len,
+                              prefix_weight=self.config.dispatch_prefix_weight)
         self._turn += 1
         return self.views[iid]
 
+    def _prompt_hashes(self, prompt_ids: list[int] | None, serving: list[InstanceView]) -> list[int]:
+        """The prompt's prefix-cache hashes, for prefix-aware dispatch only; the index follows the latest
+        snapshots (`PrefixIndex` rebuilds an instance's set only when its digest changed)."""
+        if self.config.dispatch_policy != "prefix-aware" or not prompt_ids or self._hash_seed is None:
+            return []
+        for v in serving:
+            self.prefixes.update(v.instance_id, v.status.load)
+        self.prefixes.retain(v.instance_id for v in self.views.values())
+        if self._last_hashes[0] is not prompt_ids:        # the same prompt asked twice: dispatch, then pending
+            self._last_hashes = (prompt_ids, block_hashes(prompt_ids, serving[0].status.load.block_size,
+                                                          self._hash_seed))
+        return self._last_hashes[1]
+
     async def dispatch_when_possible(self, prompt_len: int, deadline: float,
-                                     exclude: frozenset = frozenset()) -> InstanceView:
+                                     exclude: frozenset = frozenset(),
+                                     prompt_ids: list[int] | None = None) -> InstanceView:
         """`dispatch`, or, while no instance is serving but some are coming back, wait for one until
         `deadline` (time.monotonic()); UNAVAILABLE once nothing is coming back or the deadline passed."""
         while True:
             try:
-                return self.dispatch(prompt_len, exclude)
+                return self.dispatch(prompt_len, exclude, prompt_ids)
             except RpcError as e:
                 if e.code != grpc.StatusCode.UNAVAILABLE or not self._capacity_coming() or \
                         time.monotonic() + CAPACITY_POLL_S > deadline:
@@ -463,8 +488,12 @@ class Frontend:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {rid!r} is already running")
         remaining = context.time_remaining() if context is not None else None
         target = await self.dispatch_when_possible(
-            len(ids), time.monotonic() + min(FAILOVER_BOUND_S, remaining if remaining is not None else math.inf))
-        pending = _Pending(blocks=blocks_for(len(ids) + 1, target.status.load.block_size))
+            len(ids), time.monotonic() + min(FAILOVER_BOUND_S, remaining if remaining is not None else math.inf),
+            prompt_ids=ids)
+        bs = target.status.load.block_size
+        cached = self.prefixes.cached_blocks(target.instance_id, self._prompt_hashes(ids, [target]))
+        pending = _Pending(blocks=blocks_for(len(ids) + 1, bs),
+                           prefill_tokens=len(ids) - round(self.config.dispatch_prefix_weight * cached * bs))
         self.pending.setdefault(target.instance_id, {})[rid] = pending
         stream = RequestStream(rid, target.client, prompt_ids=ids, params=params, priority=priority)
         self.streams[rid] = stream
@@ -528,7 +557,8 @@ class Frontend:
                     return
                 try:
                     target = await self.dispatch_when_possible(len(stream.prompt_ids) + len(stream.tokens),
-                                                               deadline, exclude=frozenset(dead))
+                                                               deadline, exclude=frozenset(dead),
+                                                               prompt_ids=stream.prompt_ids + stream.tokens)
                 except RpcError as e:
                     self.metrics.failovers.labels("no_instance").inc()
                     stream.fail(grpc.StatusCode.UNAVAILABLE,

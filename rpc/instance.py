@@ -134,6 +134,9 @@ class MigrationPeer:
             raise MigrationAborted(MigrationState.ABORTED_DST, f"{method} on {self.instance_id} timed out after "
                                    f"{self.client.deadlines.call_s:.0f} s") from None
 
+    async def attach_prefix(self, migration_id: str, request_id: str, src: str, hashes: list[int]) -> int:
+        return await self._call("migration_attach_prefix", migration_id, request_id, src, hashes)
+
     async def reserve(self, migration_id: str, request_id: str, src: str, n: int) -> int:
         return await self._call("migration_reserve", migration_id, request_id, src, n)
 

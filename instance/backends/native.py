@@ -56,16 +56,18 @@ class Engine(EngineBackend):
                 f"raise kv_cache_gib / num_blocks or lower max_model_len")
         self.core = EngineCore(num_blocks, config.block_size, config.max_num_batched_tokens, config.max_num_seqs,
                                self.max_model_len, arch.vocab_size, self.tokenizer.token_bytes,
-                               frozenset(self.tokenizer.eos_token_ids), seed=config.seed)
+                               frozenset(self.tokenizer.eos_token_ids), seed=config.seed,
+                               prefix_cache_seed=config.prefix_cache_seed(),
+                               digest_limit=config.prefix_digest_blocks)
         self.kv = KVCacheTensors(arch.num_layers, num_blocks, config.block_size, arch.num_kv_heads,
                                  arch.head_dim, dtype, config.device)
         loaded.model.set_deterministic(config.deterministic)
         self.runner = ModelRunner(loaded.model, self.kv, config.device)
         self._gen_rng = random.Random(config.seed)
         self._steps: deque[tuple[float, float, int]] = deque(maxlen=_STATS_WINDOW)  # (end, seconds, tokens)
-        log.info("engine ready: model %s on %s, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d",
-                 self.model_name, config.device, num_blocks, config.block_size, num_blocks * per_block / 2**30,
-                 self.max_model_len)
+        log.info("engine ready: model %s on %s, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d, "
+                 "prefix caching %s", self.model_name, config.device, num_blocks, config.block_size,
+                 num_blocks * per_block / 2**30, self.max_model_len, "on" if config.prefix_caching else "off")
 
     # ----- requests ------------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> list[int]:
@@ -162,6 +164,12 @@ class Engine(EngineBackend):
 
     def free_suspended(self, request_id: str) -> None:
         self.core.free_suspended(request_id)
+
+    def prefix_hashes(self, request_id: str, num_blocks: int) -> list[int]:
+        return self.core.prefix_hashes(request_id, num_blocks)
+
+    def attach_import_prefix(self, import_id: str, block_hashes: list[int]) -> int:
+        return self.core.attach_import_prefix(import_id, block_hashes)
 
     def reserve_import(self, import_id: str, num_blocks: int) -> int:
         return self.core.reserve_import(import_id, num_blocks)

@@ -77,6 +77,9 @@ class PromptSource:
 
     One long passage is encoded once (`benchmarks.traces.synthetic_prompt`); request i gets a window of it at an
     offset seeded by i, after the BOS token when the tokenizer adds one, so prompts differ from each other.
+    A request with the trace's hash ids (Mooncake) is built block by block instead: the window of block id h is
+    seeded by h, so requests whose leading ids are equal share a prefix of equal tokens, as in the trace
+    (`benchmarks.traces.hash_block_prompt`).
     """
 
     def __init__(self, tokenizer, longest: int, seed: int):
@@ -88,12 +91,21 @@ class PromptSource:
         self._body = ids[len(self._head):]
         self._seed = seed
 
-    def ids(self, index: int, n: int) -> list[int]:
+    def ids(self, index: int, n: int, hash_ids: tuple[int, ...] = (), block_tokens: float = 512.0) -> list[int]:
         k = n - len(self._head)
         if k <= 0:
             return self._head[:n]
-        offset = random.Random(f"{self._seed}-prompt-{index}").randrange(len(self._body) - k + 1)
-        return self._head + self._body[offset:offset + k]
+        if hash_ids:
+            from benchmarks.traces import hash_block_prompt
+
+            return self._head + hash_block_prompt(hash_ids, k, block_tokens, self._window,
+                                                  lambda m: self._window(f"prompt-{index}", m))
+        return self._head + self._window(f"prompt-{index}", k)
+
+    def _window(self, key, k: int) -> list[int]:
+        k = min(k, len(self._body))
+        offset = random.Random(f"{self._seed}-{key}").randrange(len(self._body) - k + 1)
+        return self._body[offset:offset + k]
 
 
 def _request(p: PlannedRequest, ids: list[int], request_id: str):
@@ -207,7 +219,7 @@ class Replay:
 
         if self.http is not None:
             return await self._one_http(p, r)
-        req = _request(p, self.prompts.ids(p.index, p.prompt_tokens), r.request_id)
+        req = _request(p, self.prompts.ids(p.index, p.prompt_tokens, p.hash_ids, p.block_tokens), r.request_id)
         r.sent_s = self._now()
         call = stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata)
         try:
@@ -242,7 +254,7 @@ class Replay:
         """The same request as `_one`, as a streamed OpenAI completion (token ids in, `return_token_ids` out)."""
         import json
 
-        body = {"model": self.model, "prompt": self.prompts.ids(p.index, p.prompt_tokens),
+        body = {"model": self.model, "prompt": self.prompts.ids(p.index, p.prompt_tokens, p.hash_ids, p.block_tokens),
                 "max_tokens": p.output_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
                 "priority": p.priority, "request_id": r.request_id, "return_token_ids": True,
                 "timeout": self.timeout_s}

@@ -23,6 +23,8 @@ class PlannedRequest:
     prompt_tokens: int
     output_tokens: int
     priority: int = 0
+    hash_ids: tuple[int, ...] = ()    # the trace's prompt blocks (Mooncake), for prompts that share as it does
+    block_tokens: float = 512.0       # tokens per hash id, scaled with the lengths
 
 
 def parse_priority_mix(text: str) -> list[tuple[float, int]]:
@@ -83,7 +85,8 @@ def build_schedule(rows: Sequence[TraceRequest], *, arrivals: Arrivals = "trace"
     for row, at in zip(rows, times):
         if (num_requests is not None and len(plan) >= num_requests) or (duration_s is not None and at >= duration_s):
             break
-        plan.append(PlannedRequest(len(plan), at, row.prompt_tokens, row.output_tokens, _priority(pick, priority_mix)))
+        plan.append(PlannedRequest(len(plan), at, row.prompt_tokens, row.output_tokens, _priority(pick, priority_mix),
+                                   row.hash_ids, row.block_tokens))
     return plan
 
 

@@ -2,6 +2,8 @@
 
 - round-robin: in turn;
 - least-load: fewest running + waiting requests;
+- prefix-aware: least work before the first token, counting the prompt's prefix cached there as work saved
+  (orchestrator/policies/prefix.py);
 - freeness (Llumnix): most (capacity - virtual usage) / batch size, at random among the `top_k` freest; a
   new request queues behind every waiting one, so dispatch counts the whole queue's demand (as Llumnix's
   dispatch does), where migration counts the head's (what blocks the next admission).
@@ -32,8 +34,9 @@ import random
 from dataclasses import dataclass
 
 from instance.backend import LoadSnapshot
+from orchestrator.policies.prefix import choose_prefix_aware
 
-POLICIES = ("round-robin", "least-load", "freeness")
+POLICIES = ("round-robin", "least-load", "freeness", "prefix-aware")
 HIGH_PRIORITY_HEADROOM = 0.25    # share of an instance's blocks set aside for each high-priority request
 
 
@@ -45,6 +48,9 @@ class Candidate:
     pending_blocks: int = 0       # the blocks those requests' prompts need
     batch_slots: int | None = None  # requests the instance runs at once (max_num_seqs), if known
     draining: bool = False        # infinite virtual usage: never dispatched to while another instance is open
+    cached_blocks: int = 0        # leading blocks of the prompt cached there (prefix-aware dispatch)
+    pending_prefill_tokens: int | None = None  # what the pending requests prefill there, less their cached
+                                               # prefix x prefix_weight (None: pending_blocks x block_size)
 
     @property
     def queue_length(self) -> int:
@@ -90,9 +96,11 @@ def freeness(c: Candidate, high_priority_headroom: float = HIGH_PRIORITY_HEADROO
 
 
 def choose_instance(policy: str, candidates: list[Candidate], turn: int, rng: random.Random, top_k: int = 1,
-                    high_priority_headroom: float = HIGH_PRIORITY_HEADROOM, output_weight: float = 0.0) -> str | None:
+                    high_priority_headroom: float = HIGH_PRIORITY_HEADROOM, output_weight: float = 0.0,
+                    prompt_tokens: int = 0, prefix_weight: float = 1.0) -> str | None:
     """The instance id to dispatch to, or None if there is no candidate. `turn` drives round-robin; least-load
-    and freeness pick at random among the `top_k` best (and among instances tied with the k-th)."""
+    and freeness pick at random among the `top_k` best (and among instances tied with the k-th); prefix-aware
+    weighs each candidate's `cached_blocks` of the `prompt_tokens`-token prompt against its queue."""
     if not candidates:
         return None
     if top_k < 1:
@@ -103,6 +111,8 @@ def choose_instance(policy: str, candidates: list[Candidate], turn: int, rng: ra
         return ordered[turn % len(ordered)].instance_id
     if policy == "least-load":
         return _best(candidates, lambda c: -c.num_requests, top_k, rng)
+    if policy == "prefix-aware":
+        return choose_prefix_aware(candidates, prompt_tokens, rng, prefix_weight)
     if policy == "freeness":
         return _best(candidates, lambda c: freeness(c, high_priority_headroom, whole_queue=True,
                                                     output_weight=output_weight), top_k, rng)

@@ -31,14 +31,15 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from instance.kv_cache import OutOfBlocksError, blocks_for
+from instance.kv_cache import OutOfBlocksError, block_hashes, blocks_for
 from instance.request import RequestState
 from orchestrator.policies.autoscale import AutoscaleConfig, AutoscaleMemory, plan_scaling
 from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM, Candidate, choose_instance
 from orchestrator.policies.ledger import MoveLedger
 from orchestrator.policies.migration import InstanceState, MigrationPolicyConfig, plan_drain
 from orchestrator.sim.cost_model import StepCostModel
-from orchestrator.sim.instance import SimInstance
+from orchestrator.policies.prefix import PrefixIndex
+from orchestrator.sim.instance import SIM_HASH_SEED, SimInstance
 
 
 DRAIN_MOVES_IN_FLIGHT = 4       # migrations off a draining instance at once (MigrationConfig.max_concurrent)
@@ -50,6 +51,7 @@ class SimRequest:
     prompt_tokens: int
     output_tokens: int
     priority: int = 0
+    token_ids: tuple[int, ...] | None = None   # the prompt, for prefix caching (None: placeholders)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,10 @@ class SimConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int = 2048
-    dispatch: str = "freeness"            # round-robin | least-load | freeness
+    dispatch: str = "freeness"            # round-robin | least-load | freeness | prefix-aware
+    prefix_caching: bool = False          # EngineConfig.prefix_caching (requests then carry token_ids)
+    prefix_weight: float = 1.0            # ServeConfig.dispatch_prefix_weight
+    prefix_digest_blocks: int = 4096      # EngineConfig.prefix_digest_blocks
     top_k: int = 1
     high_priority_headroom: float = HIGH_PRIORITY_HEADROOM
     output_weight: float = 0.0            # ServeConfig.dispatch_output_weight
@@ -139,6 +144,13 @@ class SimResult:
     instance_s: float = 0.0         # instance-seconds paid for (starting and draining ones included)
     aborted: int = 0
     max_instances: int = 0
+    computed_tokens: int = 0        # tokens all steps computed (prefill and decode), on every instance
+    prefix_hit_tokens: int = 0      # admitted tokens found in a prefix cache
+    prefix_query_tokens: int = 0    # admitted tokens (with prefix caching on)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
     @property
     def finished(self) -> list[RequestRecord]:
@@ -159,10 +171,8 @@ class _Migration:
 class Simulator:
     def __init__(self, config: SimConfig, cost: StepCostModel):
         self.cfg = config
-        self.instances = [SimInstance(f"instance-{i}", config.num_blocks, config.block_size,
-                                      config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len, cost,
-                                      self._clock)
-                          for i in range(config.num_instances)]
+        self.instances = [self._new_instance(f"instance-{i}", cost) for i in range(config.num_instances)]
+        self._prefixes = PrefixIndex()
         self.by_id = {i.instance_id: i for i in self.instances}
         self.rng = random.Random(config.seed)
         self.now = 0.0
@@ -172,6 +182,7 @@ class Simulator:
         self._snapshots = {i.instance_id: i.load() for i in self.instances}
         self._requests: dict[str, list] = {}           # observed request lists, per instance
         self._pending: dict[str, list[int]] = {i.instance_id: [] for i in self.instances}  # blocks sent since
+        self._pending_prefill: dict[str, list[int]] = {i.instance_id: [] for i in self.instances}  # their prefill
         self._migrating: dict[str, _Migration] = {}    # request id -> migration in flight
         self._suspend_at_step_end: dict[str, list[_Migration]] = {i.instance_id: [] for i in self.instances}
         self._ledger = MoveLedger(config.migration)
@@ -192,6 +203,13 @@ class Simulator:
         self._gone_busy: dict[str, float] = {}
         self.aborted = 0
         self.max_instances = config.num_instances
+        self._gone_counts = [0, 0, 0]                   # computed, prefix hit, prefix query tokens of removed ones
+
+    def _new_instance(self, instance_id: str, cost: StepCostModel) -> SimInstance:
+        c = self.cfg
+        return SimInstance(instance_id, c.num_blocks, c.block_size, c.max_num_batched_tokens, c.max_num_seqs,
+                           c.max_model_len, cost, self._clock, prefix_caching=c.prefix_caching,
+                           digest_limit=c.prefix_digest_blocks)
 
     # ----- the event loop --------------------------------------------------------------------------------
     def _at(self, t: float, fn, *args) -> None:
@@ -224,22 +242,34 @@ class Simulator:
                          migrations=self.migrations, migrations_aborted=self.migrations_aborted, end_s=self.now,
                          wall_s=time.perf_counter() - started,
                          busy_s={**self._gone_busy, **{i.instance_id: i.busy_s for i in self.instances}},
-                         instance_s=self._instance_s, aborted=self.aborted, max_instances=self.max_instances)
+                         instance_s=self._instance_s, aborted=self.aborted, max_instances=self.max_instances,
+                         computed_tokens=self._gone_counts[0] + sum(i.core.num_computed_total for i in self.instances),
+                         prefix_hit_tokens=self._gone_counts[1] + sum(i.load().prefix_hit_tokens
+                                                                      for i in self.instances),
+                         prefix_query_tokens=self._gone_counts[2] + sum(i.load().prefix_query_tokens
+                                                                        for i in self.instances))
 
     # ----- frontend --------------------------------------------------------------------------------------
     def _arrive(self, rid: str, w: SimRequest) -> None:
         cfg = self.cfg
+        hashes = (block_hashes(list(w.token_ids), cfg.block_size, SIM_HASH_SEED)
+                  if cfg.dispatch == "prefix-aware" and w.token_ids is not None else [])
         candidates = [Candidate(i.instance_id, self._snapshots[i.instance_id],
                                 pending_requests=len(self._pending[i.instance_id]),
-                                pending_blocks=sum(self._pending[i.instance_id]), batch_slots=cfg.max_num_seqs)
+                                pending_blocks=sum(self._pending[i.instance_id]), batch_slots=cfg.max_num_seqs,
+                                cached_blocks=self._prefixes.cached_blocks(i.instance_id, hashes),
+                                pending_prefill_tokens=sum(self._pending_prefill[i.instance_id]))
                       for i in self.instances if i.instance_id not in self._draining]
         iid = choose_instance(cfg.dispatch, candidates, self._turn, self.rng, top_k=cfg.top_k,
-                              high_priority_headroom=cfg.high_priority_headroom, output_weight=cfg.output_weight)
+                              high_priority_headroom=cfg.high_priority_headroom, output_weight=cfg.output_weight,
+                              prompt_tokens=w.prompt_tokens, prefix_weight=cfg.prefix_weight)
         self._turn += 1
         inst = self.by_id[iid]
         self._pending[iid].append(blocks_for(w.prompt_tokens + 1, cfg.block_size))
+        cached = next(c.cached_blocks for c in candidates if c.instance_id == iid)
+        self._pending_prefill[iid].append(w.prompt_tokens - round(cfg.prefix_weight * cached * cfg.block_size))
         self.records[rid] = RequestRecord(rid, w.arrival_s, w.prompt_tokens, w.output_tokens, w.priority)
-        inst.add(rid, w.prompt_tokens, w.output_tokens, w.priority, w.arrival_s)
+        inst.add(rid, w.prompt_tokens, w.output_tokens, w.priority, w.arrival_s, w.token_ids)
         self._kick(inst)
 
     # ----- instances -------------------------------------------------------------------------------------
@@ -275,7 +305,10 @@ class Simulator:
             raise RuntimeError(f"simulation stuck at {self.now:.1f} s: {self._total - self._finished} requests "
                                f"unfinished and no instance can run them")
         self._snapshots = {i.instance_id: i.load() for i in self.instances}
-        for pending in self._pending.values():
+        for iid, load in self._snapshots.items():
+            self._prefixes.update(iid, load)
+        self._prefixes.retain(self._snapshots)
+        for pending in (*self._pending.values(), *self._pending_prefill.values()):
             pending.clear()
         self._at(self.now + self.cfg.load_interval_s, self._observe)
 
@@ -323,14 +356,13 @@ class Simulator:
     def _instance_ready(self) -> None:
         self._account()
         self._starting -= 1
-        cfg = self.cfg
-        inst = SimInstance(f"instance-{self._next_index}", cfg.num_blocks, cfg.block_size, cfg.max_num_batched_tokens,
-                           cfg.max_num_seqs, cfg.max_model_len, self._cost, self._clock)
+        inst = self._new_instance(f"instance-{self._next_index}", self._cost)
         self._next_index += 1
         self.instances.append(inst)
         self.by_id[inst.instance_id] = inst
         self._snapshots[inst.instance_id] = inst.load()
         self._pending[inst.instance_id] = []
+        self._pending_prefill[inst.instance_id] = []
         self._suspend_at_step_end[inst.instance_id] = []
         self.max_instances = max(self.max_instances, len(self.instances))
 
@@ -367,8 +399,11 @@ class Simulator:
         iid = inst.instance_id
         self._gone_preemptions += inst.load().num_preemptions_total
         self._gone_busy[iid] = inst.busy_s
+        load = inst.load()
+        for k, v in enumerate((inst.core.num_computed_total, load.prefix_hit_tokens, load.prefix_query_tokens)):
+            self._gone_counts[k] += v
         self.instances.remove(inst)
-        for table in (self.by_id, self._snapshots, self._pending, self._suspend_at_step_end):
+        for table in (self.by_id, self._snapshots, self._pending, self._pending_prefill, self._suspend_at_step_end):
             table.pop(iid, None)
         self._draining.discard(iid)
         self._abort_at_step_end.discard(iid)
@@ -387,6 +422,10 @@ class Simulator:
         mig = _Migration(request_id, src, dst, preemptions=info.num_preemptions)
         self._migrating[request_id] = mig
         cost = self.cfg.migration_cost
+        # what the destination caches of the request's prefix is not copied (as in migration.source)
+        found = dst.core.attach_import_prefix(request_id, src.core.prefix_hashes(
+            request_id, info.num_computed_tokens // self.cfg.block_size))
+        mig.reserved_blocks = mig.copied_blocks = found
         if cost.reserve_upfront and not self._reserve(mig, blocks_for(info.num_tokens, self.cfg.block_size)
                                                       + cost.last_stage_blocks + cost.reserve_growth_blocks):
             return self._abort(mig)

@@ -51,7 +51,7 @@ MIGRATION_STATE_ABORTED_DST: MigrationState
 MIGRATION_STATE_ENDED: MigrationState
 
 class InstanceLoad(_message.Message):
-    __slots__ = ("total_blocks", "free_blocks", "used_blocks", "reserved_blocks", "block_size", "num_running", "num_waiting", "num_preempted", "num_suspended", "head_demand_blocks", "waiting_demand_blocks", "running_tokens", "step_time_ms", "tokens_per_s", "num_preemptions_total", "num_high_priority", "head_wait_s", "remaining_output_tokens")
+    __slots__ = ("total_blocks", "free_blocks", "used_blocks", "reserved_blocks", "block_size", "num_running", "num_waiting", "num_preempted", "num_suspended", "head_demand_blocks", "waiting_demand_blocks", "running_tokens", "step_time_ms", "tokens_per_s", "num_preemptions_total", "num_high_priority", "head_wait_s", "remaining_output_tokens", "cached_blocks", "prefix_hit_tokens", "prefix_query_tokens", "prefill_backlog_tokens")
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,10 @@ class InstanceLoad(_message.Message):
     NUM_HIGH_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     HEAD_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     REMAINING_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_BACKLOG_TOKENS_FIELD_NUMBER: _ClassVar[int]
     total_blocks: int
     free_blocks: int
     used_blocks: int
@@ -88,7 +92,11 @@ class InstanceLoad(_message.Message):
     num_high_priority: int
     head_wait_s: float
     remaining_output_tokens: int
-    def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_preempted: _Optional[int] = ..., num_suspended: _Optional[int] = ..., head_demand_blocks: _Optional[int] = ..., waiting_demand_blocks: _Optional[int] = ..., running_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., num_preemptions_total: _Optional[int] = ..., num_high_priority: _Optional[int] = ..., head_wait_s: _Optional[float] = ..., remaining_output_tokens: _Optional[int] = ...) -> None: ...
+    cached_blocks: int
+    prefix_hit_tokens: int
+    prefix_query_tokens: int
+    prefill_backlog_tokens: int
+    def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_preempted: _Optional[int] = ..., num_suspended: _Optional[int] = ..., head_demand_blocks: _Optional[int] = ..., waiting_demand_blocks: _Optional[int] = ..., running_tokens: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., num_preemptions_total: _Optional[int] = ..., num_high_priority: _Optional[int] = ..., head_wait_s: _Optional[float] = ..., remaining_output_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefill_backlog_tokens: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
     __slots__ = ("instance_id", "node_id", "node_ip", "state", "model", "load", "load_age_s", "role", "experts")
