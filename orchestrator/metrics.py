@@ -156,6 +156,12 @@ class _ControlCollector:
                                 "step time, recently", labels=labels)
         up = GaugeMetricFamily("tidal_instance_up", "1 for each instance in the table, by state",
                                labels=[*labels, "state"])
+        cached = GaugeMetricFamily("tidal_instance_prefix_cached_blocks", "Free KV blocks of an instance that still "
+                                   "hold a cached prefix (evictable)", labels=labels)
+        hits = CounterMetricFamily("tidal_instance_prefix_cache_hit_tokens", "Prompt tokens an instance found in its "
+                                   "prefix cache, since it started", labels=labels)
+        queries = CounterMetricFamily("tidal_instance_prefix_cache_query_tokens", "Prompt tokens an instance "
+                                      "admitted with prefix caching on, since it started", labels=labels)
         total_running = total_waiting = 0
         for v in self.views():
             node = v.info.node_id[:12] if v.info is not None else ""
@@ -169,10 +175,13 @@ class _ControlCollector:
             kv.add_metric(key, 1 - load.free_blocks / load.total_blocks if load.total_blocks else 0.0)
             preempt.add_metric(key, load.num_preemptions_total)
             tps.add_metric(key, load.tokens_per_s)
+            cached.add_metric(key, load.cached_blocks)
+            hits.add_metric(key, load.prefix_hit_tokens)
+            queries.add_metric(key, load.prefix_query_tokens)
             if v.state != "dead":
                 total_running += load.num_running
                 total_waiting += load.num_waiting
-        yield from (running, waiting, kv, preempt, tps, up)
+        yield from (running, waiting, kv, preempt, tps, up, cached, hits, queries)
         yield GaugeMetricFamily("tidal_requests_running", "Requests running on all instances", value=total_running)
         yield GaugeMetricFamily("tidal_requests_waiting", "Requests waiting on all instances", value=total_waiting)
 

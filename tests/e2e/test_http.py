@@ -308,8 +308,9 @@ def test_prometheus_scrapes_every_metric_and_every_dashboard_panel_returns_data(
 
 GAUGES = ("tidal_requests_running", "tidal_requests_waiting", "tidal_frontend_streams", "tidal_instance_up",
           "tidal_instance_kv_cache_usage", "tidal_instance_requests_running", "tidal_instance_requests_waiting",
-          "tidal_instance_tokens_per_second")
+          "tidal_instance_tokens_per_second", "tidal_instance_prefix_cached_blocks")
 COUNTERS = ("tidal_requests", "tidal_prompt_tokens", "tidal_generation_tokens", "tidal_instance_preemptions",
+            "tidal_instance_prefix_cache_hit_tokens", "tidal_instance_prefix_cache_query_tokens",
             "tidal_migrations", "tidal_failovers", "tidal_admin_operations")
 HISTOGRAMS = ("tidal_time_to_first_token_seconds", "tidal_inter_token_latency_seconds",
               "tidal_e2e_request_latency_seconds", "tidal_request_queue_time_seconds",
