@@ -8,6 +8,7 @@ fleets) can plug in here without touching the orchestrator. The engines themselv
 from __future__ import annotations
 
 import abc
+import uuid
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -130,6 +131,33 @@ class EngineBackend(abc.ABC):
     @abc.abstractmethod
     def has_unfinished(self) -> bool:
         """Whether a step has anything to do (suspended requests do not count)."""
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
+                 max_steps: int = 100_000) -> list[RequestOutput]:
+        """Run prompts to completion (for tests and benchmarks): one summary output per prompt, in order."""
+        from instance.request import RequestOutput
+
+        ids = [f"gen-{i}-{uuid.uuid4().hex[:8]}" for i in range(len(prompts))]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        text: dict[str, str] = {i: "" for i in ids}
+        final: dict[str, RequestOutput] = {}
+        for rid, p in zip(ids, prompts):
+            if isinstance(p, str):
+                self.add_request(rid, prompt=p, params=params)
+            else:
+                self.add_request(rid, prompt_token_ids=list(p), params=params)
+        for _ in range(max_steps):
+            if len(final) == len(ids):
+                break
+            for out in self.step():
+                tokens[out.request_id] += out.new_token_ids
+                text[out.request_id] += out.text_delta
+                if out.finished:
+                    final[out.request_id] = out
+        else:
+            raise TimeoutError(f"generate did not finish in {max_steps} steps")
+        return [RequestOutput(i, tokens[i], text[i], True, final[i].finish_reason, final[i].num_prompt_tokens,
+                              final[i].num_output_tokens) for i in ids]
 
     @abc.abstractmethod
     def load(self) -> LoadSnapshot: ...

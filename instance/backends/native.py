@@ -8,7 +8,6 @@ the sampled tokens. The engine never imports Ray; `InstanceActor` wraps it.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections import deque
 
@@ -63,7 +62,6 @@ class Engine(EngineBackend):
                                  arch.head_dim, dtype, config.device)
         loaded.model.set_deterministic(config.deterministic)
         self.runner = ModelRunner(loaded.model, self.kv, config.device)
-        self._gen_rng = random.Random(config.seed)
         self._steps: deque[tuple[float, float, int]] = deque(maxlen=_STATS_WINDOW)  # (end, seconds, tokens)
         log.info("engine ready: model %s on %s, %d KV blocks x %d tokens (%.2f GiB), max_model_len %d, "
                  "prefix caching %s", self.model_name, config.device, num_blocks, config.block_size,
@@ -104,31 +102,6 @@ class Engine(EngineBackend):
         elapsed = time.perf_counter() - start
         self._steps.append((time.monotonic(), elapsed, sched.num_tokens))
         return self.core.update(sched, sampled)
-
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
-                 max_steps: int = 100_000) -> list[RequestOutput]:
-        """Run prompts to completion (for tests and benchmarks). Returns one summary output per prompt."""
-        ids = [f"gen-{i}-{self._gen_rng.getrandbits(32):08x}" for i in range(len(prompts))]
-        tokens: dict[str, list[int]] = {i: [] for i in ids}
-        text: dict[str, str] = {i: "" for i in ids}
-        final: dict[str, RequestOutput] = {}
-        for rid, p in zip(ids, prompts):
-            if isinstance(p, str):
-                self.add_request(rid, prompt=p, params=params)
-            else:
-                self.add_request(rid, prompt_token_ids=list(p), params=params)
-        for _ in range(max_steps):
-            if len(final) == len(ids):
-                break
-            for out in self.step():
-                tokens[out.request_id] += out.new_token_ids
-                text[out.request_id] += out.text_delta
-                if out.finished:
-                    final[out.request_id] = out
-        else:
-            raise TimeoutError(f"generate did not finish in {max_steps} steps")
-        return [RequestOutput(i, tokens[i], text[i], True, final[i].finish_reason, final[i].num_prompt_tokens,
-                              final[i].num_output_tokens) for i in ids]
 
     def moe_blocks(self) -> dict:
         """layer -> the model's sparse MoE block (empty for a dense model): where expert parallelism hooks in."""

@@ -133,7 +133,6 @@ class VllmBackend(EngineBackend):
         self._by_external: dict[str, _Entry] = {}
         self._imports: dict[str, _Import] = {}
         self._seed_rng = random.Random(config.seed)
-        self._gen_rng = random.Random(config.seed)
         self._preemptions_total = 0
         self._steps: deque[tuple[float, float, int]] = deque(maxlen=_STATS_WINDOW)
         log.info("vLLM engine ready in %.1f s: %s from %s, %d KV blocks x %d tokens, max_model_len %d",
@@ -228,31 +227,6 @@ class VllmBackend(EngineBackend):
                 if not out.finished:
                     self.llm.abort_request([e.external_id])     # a stop Tidal saw: EOS, stop token or string
         return results
-
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
-                 max_steps: int = 100_000) -> list[RequestOutput]:
-        """Run prompts to completion (tests and benchmarks): one summary output per prompt."""
-        ids = [f"gen-{i}-{self._gen_rng.getrandbits(32):08x}" for i in range(len(prompts))]
-        tokens: dict[str, list[int]] = {i: [] for i in ids}
-        text: dict[str, str] = {i: "" for i in ids}
-        final: dict[str, RequestOutput] = {}
-        for rid, p in zip(ids, prompts):
-            if isinstance(p, str):
-                self.add_request(rid, prompt=p, params=params)
-            else:
-                self.add_request(rid, prompt_token_ids=list(p), params=params)
-        for _ in range(max_steps):
-            if len(final) == len(ids):
-                break
-            for out in self.step():
-                tokens[out.request_id] += out.new_token_ids
-                text[out.request_id] += out.text_delta
-                if out.finished:
-                    final[out.request_id] = out
-        else:
-            raise TimeoutError(f"generate did not finish in {max_steps} steps")
-        return [RequestOutput(i, tokens[i], text[i], True, final[i].finish_reason, final[i].num_prompt_tokens,
-                              final[i].num_output_tokens) for i in ids]
 
     # ----- load ------------------------------------------------------------------------------------------------
     def load(self) -> LoadSnapshot:
