@@ -31,7 +31,7 @@ import random
 import sys
 from dataclasses import replace
 
-from benchmarks.traces import load_trace, scale_lengths
+from orchestrator.bench.traces import load_trace, scale_lengths
 from orchestrator.bench.stats import percentile
 from orchestrator.policies.autoscale import AutoscaleConfig
 from orchestrator.sim.cluster import SimConfig, SimRequest, SimResult, simulate

@@ -3,7 +3,7 @@
     python -m benchmarks.engine_throughput [--requests 32] [--device cpu] [--threads 1] [--profile]
 
 Workload: `--requests` (default 32) rows of the Azure LLM conversation trace (azure-conv, see
-benchmarks/traces.py), drawn without replacement with `random.Random(--seed)` (default 0) from the whole
+orchestrator/bench/traces.py), drawn without replacement with `random.Random(--seed)` (default 0) from the whole
 trace. Their lengths are shrunk with `scale_lengths(trace, max_prompt=512, max_output=128)`: every prompt and
 output length of the WHOLE trace is divided by one factor f, the smallest that brings the trace's p99 prompt
 length under 512 and its p99 output length under 128 (f = 4142 / 512 = 8.09 for azure-conv), rounded, and
@@ -51,7 +51,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from benchmarks.traces import TraceRequest, length_scale, load_trace, sample_rows, scale_lengths, synthetic_prompt
+from orchestrator.bench.traces import TraceRequest, length_scale, load_trace, sample_rows, scale_lengths, synthetic_prompt
 from instance.engine import Engine
 from instance.model.loader import smollm2_path
 from instance.sampling import SamplingParams

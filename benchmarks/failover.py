@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import grpc
 import ray
 
-from benchmarks.traces import synthetic_prompt
+from orchestrator.bench.traces import synthetic_prompt
 from instance.config import EngineConfig
 from instance.model.loader import load_tokenizer
 from orchestrator.bench.stats import median

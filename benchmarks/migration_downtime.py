@@ -75,7 +75,7 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.traces import synthetic_prompt
+from orchestrator.bench.traces import synthetic_prompt
 from instance.model.loader import load_tokenizer
 from instance.sampling import SamplingParams
 from migration.protocol import MigrationRecord, MigrationState

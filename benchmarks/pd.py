@@ -6,7 +6,7 @@ the prompt and output lengths and the arrival pattern of the Azure LLM conversat
 
 Trace: azure_llm_2023/AzureLLMInferenceTrace_conv.csv (Azure/AzurePublicDataset, the conversation trace of
 Splitwise, Patel et al., ISCA 2024, CC-BY 4.0; see ../shared/data/azure_llm_2023/SOURCE.md), read through
-`benchmarks.traces`. `--requests` consecutive rows from row 1000 on (a busy stretch of the trace); their
+`orchestrator.bench.traces`. `--requests` consecutive rows from row 1000 on (a busy stretch of the trace); their
 lengths scaled by one factor so the 99th percentiles fit `--max-prompt`/`--max-output` (mean prompt 212
 tokens, mean output 39 with the defaults), their arrival times scaled so the mean rate is each `--rates`
 value (the trace's burstiness is kept). They are sent by the engine of `tidal bench replay`

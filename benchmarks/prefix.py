@@ -8,7 +8,7 @@ Workload: the first `--requests` rows of the Mooncake FAST '25 conversation trac
 read from the shared data folder, never copied here. Arrivals are the trace's timestamps sped up
 `--rate-scale` times; lengths are divided by one factor `--scale` (shape kept, as `scale_lengths` does), and so
 is the trace's 512-token hash block, so that each hash id stands for 512 / scale tokens. Prompts are built from
-the hash ids (`benchmarks.traces.hash_block_prompt`): equal ids give equal tokens, so the sharing the trace
+the hash ids (`orchestrator.bench.traces.hash_block_prompt`): equal ids give equal tokens, so the sharing the trace
 records is what the prefix caches see. The bound is the share of block references that repeat an earlier one
 (an infinite cache's block hit rate over these rows: 36.6 % over the whole trace).
 
@@ -42,7 +42,7 @@ import sys
 from collections import Counter
 from dataclasses import replace
 
-from benchmarks.traces import hash_block_prompt, load_trace, scale_lengths, shared_block_fraction
+from orchestrator.bench.traces import hash_block_prompt, load_trace, scale_lengths, shared_block_fraction
 from orchestrator.bench.stats import percentile
 from orchestrator.sim.cluster import SimConfig, SimRequest, SimResult, simulate
 from orchestrator.sim.cost_model import COST_MODELS, load_cost_model

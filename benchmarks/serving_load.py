@@ -8,7 +8,7 @@ import asyncio
 
 import grpc
 
-from benchmarks.traces import TraceRequest, load_trace, scale_lengths
+from orchestrator.bench.traces import TraceRequest, load_trace, scale_lengths
 from instance.config import EngineConfig
 from orchestrator.bench.replay import Progress, PromptSource, Replay
 from orchestrator.bench.schedule import PlannedRequest

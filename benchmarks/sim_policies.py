@@ -51,7 +51,7 @@ import sys
 from dataclasses import replace
 
 from benchmarks.sim_sweep import LENGTHS, run_sensitivity, run_sweep
-from benchmarks.traces import load_trace, sample_rows, scale_lengths
+from orchestrator.bench.traces import load_trace, sample_rows, scale_lengths
 from orchestrator.bench.schedule import arrival_gaps
 from orchestrator.bench.stats import percentile
 from orchestrator.policies.dispatch import HIGH_PRIORITY_HEADROOM

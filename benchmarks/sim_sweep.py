@@ -26,7 +26,7 @@ import random
 import statistics
 from dataclasses import dataclass, replace
 
-from benchmarks.traces import load_trace, scale_lengths
+from orchestrator.bench.traces import load_trace, scale_lengths
 from orchestrator.bench.schedule import arrival_gaps
 from orchestrator.bench.stats import percentile
 from orchestrator.sim.cluster import MigrationCost, RequestRecord, SimConfig, SimRequest, simulate

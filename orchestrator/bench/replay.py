@@ -75,15 +75,15 @@ class UsageError(ValueError):
 class PromptSource:
     """Prompts of exact token counts without encoding text per request.
 
-    One long passage is encoded once (`benchmarks.traces.synthetic_prompt`); request i gets a window of it at an
+    One long passage is encoded once (`orchestrator.bench.traces.synthetic_prompt`); request i gets a window of it at an
     offset seeded by i, after the BOS token when the tokenizer adds one, so prompts differ from each other.
     A request with the trace's hash ids (Mooncake) is built block by block instead: the window of block id h is
     seeded by h, so requests whose leading ids are equal share a prefix of equal tokens, as in the trace
-    (`benchmarks.traces.hash_block_prompt`).
+    (`orchestrator.bench.traces.hash_block_prompt`).
     """
 
     def __init__(self, tokenizer, longest: int, seed: int):
-        from benchmarks.traces import synthetic_prompt
+        from orchestrator.bench.traces import synthetic_prompt
 
         ids = synthetic_prompt(tokenizer, 2 * longest + 512, seed)
         bos = getattr(tokenizer, "bos_token_id", None)
@@ -96,7 +96,7 @@ class PromptSource:
         if k <= 0:
             return self._head[:n]
         if hash_ids:
-            from benchmarks.traces import hash_block_prompt
+            from orchestrator.bench.traces import hash_block_prompt
 
             return self._head + hash_block_prompt(hash_ids, k, block_tokens, self._window,
                                                   lambda m: self._window(f"prompt-{index}", m))
@@ -364,7 +364,7 @@ async def _run(replay: Replay, addr: str, connect_timeout_s: float, http: str | 
 # ----- the command ------------------------------------------------------------------------------------------------
 
 def _plan(args) -> tuple[list[PlannedRequest], dict]:
-    from benchmarks.traces import length_scale, load_trace, scale_lengths
+    from orchestrator.bench.traces import length_scale, load_trace, scale_lengths
 
     if args.cv != 1.0 and args.arrivals != "gamma":
         raise UsageError("--cv applies to --arrivals gamma only")

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from benchmarks.traces import TraceRequest
+from orchestrator.bench.traces import TraceRequest
 
 Arrivals = Literal["trace", "poisson", "gamma"]
 

@@ -55,3 +55,28 @@ def test_the_check_finds_a_direct_call():
             "ray.get_actor('tidal-scheduler')\n"
             "sink.chunks.remote(rid)\n")                  # a test's own helper actor: allowed
     assert sorted(line for line, _ in violations(ast.parse(code), methods)) == [1, 2, 3]
+
+
+PRODUCT = ("orchestrator", "instance", "migration", "rpc")
+
+
+def imported_modules(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_product_code_never_imports_the_benchmarks_or_the_tests():
+    """An installed `tidal` has no `benchmarks/` or `tests/`: what `tidal serve` and `tidal bench` run must not
+    need them."""
+    bad = []
+    for d in PRODUCT:
+        for path in (ROOT / d).rglob("*.py"):
+            for name in imported_modules(ast.parse(path.read_text())):
+                if name.split(".")[0] in ("benchmarks", "tests"):
+                    bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert bad == []

@@ -3,7 +3,7 @@ lengths, so the sharing the trace records is real sharing of prompt tokens."""
 
 import pytest
 
-from benchmarks.traces import hash_block_prompt, load_trace, scale_lengths, shared_block_fraction, trace_dir
+from orchestrator.bench.traces import hash_block_prompt, load_trace, scale_lengths, shared_block_fraction, trace_dir
 from instance.tokenizer import ByteTokenizer
 from orchestrator.bench.replay import PromptSource
 from orchestrator.bench.schedule import build_schedule

@@ -6,7 +6,7 @@ import statistics
 import numpy as np
 import pytest
 
-from benchmarks.traces import TraceRequest
+from orchestrator.bench.traces import TraceRequest
 from instance.tokenizer import ByteTokenizer
 from orchestrator.bench.replay import PromptSource
 from orchestrator.bench.report import format_report

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.traces import (NAMED_TRACES, TraceRequest, load_trace, scale_lengths, synthetic_prompt,
+from orchestrator.bench.traces import (NAMED_TRACES, TraceRequest, load_trace, scale_lengths, synthetic_prompt,
                                trace_dir)
 from instance.tokenizer import ByteTokenizer
 

@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Iterator
 
 from orchestrator.config import TRACE_DIR_ENV, trace_dir_override
 
-DEFAULT_TRACE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_TRACE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 _EPOCH = datetime(1970, 1, 1)
 
 
